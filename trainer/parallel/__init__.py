@@ -1,0 +1,17 @@
+"""Parallelisms applied to the model from the outside, one file each, in a fixed order by `parallelize`."""
+
+import torch
+from torch import nn
+
+from trainer.config import JobConfig
+from trainer.parallel.fsdp import apply_fsdp
+from trainer.parallel_dims import ParallelDims
+
+
+def parallelize(model: nn.Module, dims: ParallelDims, cfg: JobConfig, param_dtype: torch.dtype) -> nn.Module:
+    """Apply, in torchtitan's order, TP -> CP -> activation checkpointing -> compile -> FSDP to a meta model."""
+    if dims.fsdp_enabled:
+        apply_fsdp(model, dims.mesh("fsdp"), param_dtype=param_dtype,
+                   reduce_dtype=getattr(torch, cfg.training.mixed_precision_reduce),
+                   reshard_after_forward=cfg.parallelism.fsdp_reshard_after_forward, pp_enabled=dims.pp > 1)
+    return model

@@ -1,0 +1,221 @@
+"""Build a JobConfig from defaults, a TOML file and CLI overrides, and check it.
+
+Precedence: `--section.key value` (or `--section.key=value`) on the command line > the TOML file named by
+`--job.config_file` > the dataclass defaults. Every mistake a user can make raises ConfigError with one line
+naming the key, the value and the fix; the entry point prints it and exits non-zero without a traceback.
+"""
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import sys
+import types
+import typing
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from trainer.config import job_config as _schema
+from trainer.config.job_config import JobConfig
+
+
+class ConfigError(ValueError):
+    """A user error in the configuration: the message is one line naming the key, the value and the fix."""
+
+
+def _sections() -> dict[str, type]:
+    return {f.name: f.type for f in dataclasses.fields(JobConfig)}
+
+
+def _field_docs() -> dict[tuple[str, str], str]:
+    """Docstrings written under dataclass fields, read from the schema's source (they are not kept at runtime)."""
+    by_class: dict[str, dict[str, str]] = {}
+    tree = ast.parse(inspect.getsource(_schema))
+    for node in tree.body:
+        if not isinstance(node, ast.ClassDef):
+            continue
+        docs = by_class.setdefault(node.name, {})
+        for prev, cur in zip(node.body, node.body[1:]):
+            if (isinstance(prev, ast.AnnAssign) and isinstance(prev.target, ast.Name)
+                    and isinstance(cur, ast.Expr) and isinstance(cur.value, ast.Constant)
+                    and isinstance(cur.value.value, str)):
+                docs[prev.target.id] = " ".join(cur.value.value.split())
+    return {(sec, key): doc for sec, cls in _sections().items()
+            for key, doc in by_class.get(cls.__name__, {}).items()}
+
+
+def _suggest(name: str, options: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
+    return f"; did you mean '{close[0]}'?" if close else f"; valid: {', '.join(sorted(options))}"
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(key: str, value, tp, from_cli: bool):
+    """Convert `value` (a TOML value, or a string from the CLI) to the field type `tp`, or raise ConfigError."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        if from_cli and isinstance(value, str) and value.lower() in ("none", "null"):
+            return None
+        return _coerce(key, value, inner[0], from_cli)
+    if origin is list:
+        if from_cli and isinstance(value, str):
+            value = [v for v in value.split(",") if v != ""]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} = {value!r}: expected a list of {_type_name(args[0])}")
+        return [_coerce(key, v, args[0], from_cli) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if from_cli and isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+            return value.lower() in ("true", "1")
+        raise ConfigError(f"{key} = {value!r}: expected true or false")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} = {value!r}: expected {tp.__name__}, got a boolean")
+        if from_cli and isinstance(value, str):
+            try:
+                value = int(value) if tp is int else float(value)
+            except ValueError:
+                raise ConfigError(f"{key} = {value!r}: expected {tp.__name__}") from None
+        if tp is int and isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not isinstance(value, (int, float)) or (tp is int and not isinstance(value, int)):
+            raise ConfigError(f"{key} = {value!r}: expected {tp.__name__}")
+        return tp(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} = {value!r}: expected a string (quote it in TOML)")
+        return value
+    raise TypeError(f"unsupported config field type {tp} for {key}")  # a bug in the schema, not user input
+
+
+def _set(cfg: JobConfig, section: str, key: str, value, from_cli: bool) -> None:
+    sections = _sections()
+    if section not in sections:
+        raise ConfigError(f"unknown config section [{section}]{_suggest(section, sections)}")
+    sec_obj = getattr(cfg, section)
+    fields = {f.name: f for f in dataclasses.fields(sec_obj)}
+    if key not in fields:
+        raise ConfigError(f"unknown config key {section}.{key}{_suggest(key, fields)}")
+    setattr(sec_obj, key, _coerce(f"{section}.{key}", value, fields[key].type, from_cli))
+
+
+def _parse_cli(argv: list[str]) -> list[tuple[str, str, str | None]]:
+    """`--a.b v`, `--a.b=v`, and a bare `--a.b` (a boolean switch) -> [(section, key, raw or None)]."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            raise ConfigError(f"unexpected argument {arg!r}: overrides look like --section.key value")
+        name, eq, raw = arg[2:].partition("=")
+        if not eq:
+            if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                raw, i = argv[i + 1], i + 1
+            else:
+                raw = None
+        section, _, key = name.partition(".")
+        out.append((section, key, raw))
+        i += 1
+    return out
+
+
+def help_text() -> str:
+    """Every section and field with its type, default and docstring."""
+    docs, lines = _field_docs(), ["usage: run_train.sh [--section.key value ...]   (or CONFIG_FILE=... / --job.config_file)"]
+    defaults = JobConfig()
+    for section in _sections():
+        lines.append(f"\n[{section}]")
+        for f in dataclasses.fields(getattr(defaults, section)):
+            default = getattr(getattr(defaults, section), f.name)
+            lines.append(f"  --{section}.{f.name} ({_type_name(f.type)}, default {default!r})")
+            lines.append(f"      {docs.get((section, f.name), '')}")
+    return "\n".join(lines)
+
+
+def load_config(argv: list[str] | None = None) -> JobConfig:
+    """Defaults, then the TOML file, then the CLI overrides; validated. Raises ConfigError on bad input."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overrides = _parse_cli(argv)
+    cfg = JobConfig()
+    for section, key, raw in overrides:
+        if (section, key) == ("job", "config_file"):
+            _set(cfg, section, key, raw, from_cli=True)
+    if cfg.job.config_file:
+        path = Path(cfg.job.config_file)
+        if not path.is_file():
+            raise ConfigError(f"job.config_file = {str(path)!r}: no such file; give the path of a TOML file")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: invalid TOML ({e})") from None
+        for section, table in data.items():
+            if not isinstance(table, dict):
+                raise ConfigError(f"{path}: top-level key {section!r} must be a [section]{_suggest(section, _sections())}")
+            for key, value in table.items():
+                if (section, key) != ("job", "config_file"):
+                    _set(cfg, section, key, value, from_cli=False)
+    for section, key, raw in overrides:
+        if (section, key) == ("job", "config_file"):
+            continue
+        if raw is None:  # a bare switch sets a boolean; anything else needs a value
+            sections = _sections()
+            tp = next((f.type for f in dataclasses.fields(sections[section]) if f.name == key), None) \
+                if section in sections else None
+            if tp is not None and tp is not bool:
+                raise ConfigError(f"--{section}.{key} needs a value")
+            raw = "true"
+        _set(cfg, section, key, raw, from_cli=True)
+    validate(cfg)
+    return cfg
+
+
+def _check(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)
+
+
+def _one_of(key: str, value, choices) -> None:
+    _check(value in choices, f"{key} = {value!r} is not one of {', '.join(map(str, choices))}")
+
+
+def validate(cfg: JobConfig) -> None:
+    """Every check that needs only the config (layout checks that need the world size live in ParallelDims)."""
+    t, p, o, s, m = cfg.training, cfg.parallelism, cfg.optimizer, cfg.lr_scheduler, cfg.metrics
+    for key, value in (("training.local_batch_size", t.local_batch_size), ("training.seq_len", t.seq_len),
+                       ("training.steps", t.steps), ("training.gc_freq", t.gc_freq), ("metrics.log_freq", m.log_freq),
+                       ("parallelism.data_parallel_replicate_degree", p.data_parallel_replicate_degree),
+                       ("parallelism.tensor_parallel_degree", p.tensor_parallel_degree),
+                       ("parallelism.pipeline_parallel_degree", p.pipeline_parallel_degree),
+                       ("parallelism.context_parallel_degree", p.context_parallel_degree)):
+        _check(value >= 1, f"{key} = {value} must be >= 1")
+    _check(p.data_parallel_shard_degree == -1 or p.data_parallel_shard_degree >= 1,
+           f"parallelism.data_parallel_shard_degree = {p.data_parallel_shard_degree} must be -1 (the rest) or >= 1")
+    _check(t.global_batch_size == -1 or t.global_batch_size >= 1,
+           f"training.global_batch_size = {t.global_batch_size} must be -1 (local x dp) or >= 1")
+    for key, value in (("parallelism.tensor_parallel_degree", p.tensor_parallel_degree),
+                       ("parallelism.pipeline_parallel_degree", p.pipeline_parallel_degree),
+                       ("parallelism.context_parallel_degree", p.context_parallel_degree)):
+        _check(value == 1, f"{key} = {value}: this parallelism has not landed in this version yet; set it to 1")
+    _one_of("training.mixed_precision_param", t.mixed_precision_param, ("auto", "float32", "bfloat16"))
+    _one_of("training.mixed_precision_reduce", t.mixed_precision_reduce, ("float32", "bfloat16"))
+    _one_of("parallelism.fsdp_reshard_after_forward", p.fsdp_reshard_after_forward, ("default", "always", "never"))
+    _one_of("optimizer.name", o.name, ("AdamW", "Adam"))
+    _one_of("optimizer.implementation", o.implementation, ("for-loop", "foreach", "fused"))
+    _one_of("lr_scheduler.decay_type", s.decay_type, ("linear", "sqrt", "cosine"))
+    _check(o.lr > 0, f"optimizer.lr = {o.lr} must be > 0")
+    _check(o.eps > 0, f"optimizer.eps = {o.eps} must be > 0")
+    _check(o.weight_decay >= 0, f"optimizer.weight_decay = {o.weight_decay} must be >= 0")
+    for key, value in (("optimizer.beta1", o.beta1), ("optimizer.beta2", o.beta2)):
+        _check(0 <= value < 1, f"{key} = {value} must be in [0, 1)")
+    _check(s.warmup_steps >= 0, f"lr_scheduler.warmup_steps = {s.warmup_steps} must be >= 0")
+    _check(s.decay_ratio is None or 0 <= s.decay_ratio <= 1,
+           f"lr_scheduler.decay_ratio = {s.decay_ratio} must be in [0, 1] (or left unset)")
+    _check(0 <= s.min_lr_factor <= 1, f"lr_scheduler.min_lr_factor = {s.min_lr_factor} must be in [0, 1]")

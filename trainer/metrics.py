@@ -1,0 +1,105 @@
+"""The per-step log line, TensorBoard scalars, MFU and memory."""
+
+import json
+import os
+import platform
+import resource
+import time
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+# Dense bf16 peak FLOP/s per GPU (no sparsity), matched against torch.cuda.get_device_name().
+GPU_PEAK_FLOPS = {"H200": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12, "B200": 2.25e15,
+                  "A100": 312e12, "A10G": 125e12, "L40S": 362e12, "L4": 121e12, "MI300X": 1307e12}
+
+
+def _cpu_peak_flops(dtype: torch.dtype) -> float:
+    """Measured matmul FLOP/s with this process's threads, cached per CPU model, thread count and dtype."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "trainer" / "cpu_peak_flops.json"
+    key = f"{platform.processor() or platform.machine()}|{os.cpu_count()}|{torch.get_num_threads()}|{dtype}"
+    try:
+        table = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        table = {}
+    if key not in table:
+        n = 1024
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        torch.mm(a, b)  # warm-up
+        reps, start = 0, time.perf_counter()
+        while time.perf_counter() - start < 0.3:
+            torch.mm(a, b)
+            reps += 1
+        table[key] = 2 * n**3 * reps / (time.perf_counter() - start)
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(table, indent=1))
+            tmp.replace(cache)
+        except OSError:
+            pass  # a read-only home only costs re-measuring next time
+    return table[key]
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype, override: float) -> float:
+    """Peak FLOP/s of one device for MFU: the user's value, the GPU table, or a CPU measurement."""
+    if override > 0:
+        return override
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return next((v for k, v in GPU_PEAK_FLOPS.items() if k in name), 989e12)
+    return _cpu_peak_flops(dtype)
+
+
+def memory_gib(device: torch.device) -> tuple[float, float | None]:
+    """(peak GiB, % of device) — CUDA reserved memory, or peak process RSS on CPU (no % there)."""
+    if device.type == "cuda":
+        reserved = torch.cuda.max_memory_reserved(device)
+        return reserved / 2**30, 100 * reserved / torch.cuda.get_device_properties(device).total_memory
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, None  # ru_maxrss is KiB on Linux
+
+
+class MetricsLogger:
+    """Turns per-step measurements into the console line and TensorBoard scalars on the logging ranks."""
+
+    def __init__(self, cfg, device: torch.device, flops_per_token: int, peak: float, enabled: bool,
+                 tokens_divisor: int):
+        self.device, self.flops_per_token, self.peak, self.enabled = device, flops_per_token, peak, enabled
+        # Ranks that split one sequence's work (tp, cp, pp) process the same tokens: count them once per device.
+        self.tokens_divisor = tokens_divisor
+        self.color = not cfg.metrics.disable_color_printing
+        self.writer = None
+        if enabled and cfg.metrics.enable_tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            log_dir = Path(cfg.job.dump_folder) / cfg.metrics.save_tb_folder / datetime.now().strftime("%Y%m%d-%H%M%S")
+            self.writer = SummaryWriter(log_dir=str(log_dir), max_queue=1000)
+
+    def log(self, step: int, loss_avg: float, loss_max: float, grad_norm: float, lr: float, tokens: int,
+            elapsed: float, data_time: float, steps: int) -> dict[str, float]:
+        """Log the window of `steps` steps that ended at `step`; `tokens` were read by this rank in it."""
+        tps = tokens / elapsed / self.tokens_divisor
+        flops = self.flops_per_token * tps
+        mem, mem_pct = memory_gib(self.device)
+        scalars = {"loss_metrics/global_avg_loss": loss_avg, "loss_metrics/global_max_loss": loss_max,
+                   "grad_norm": grad_norm, "lr": lr, "throughput(tps)": tps, "tflops": flops / 1e12,
+                   "mfu(%)": 100 * flops / self.peak, "memory/max_reserved(GiB)": mem,
+                   "time_metrics/end_to_end(s)": elapsed / steps, "time_metrics/data_loading(s)": data_time / steps}
+        if not self.enabled:
+            return scalars
+        if self.writer is not None:
+            for tag, value in scalars.items():
+                self.writer.add_scalar(tag, value, step)
+        c = ("\033[31m", "\033[36m", "\033[33m", "\033[34m", "\033[35m", "\033[0m") if self.color else ("",) * 6
+        mem_txt = f"{mem:.2f}GiB" + (f"({mem_pct:.1f}%)" if mem_pct is not None else "")
+        print(f"{c[0]}step: {step:>5}  {c[1]}loss: {loss_avg:8.4f}  {c[2]}grad_norm: {grad_norm:7.4f}  "
+              f"lr: {lr:.2e}  {c[3]}memory: {mem_txt}  {c[4]}tps: {tps:,.0f}  tflops: {flops / 1e12:.3f}  "
+              f"mfu: {100 * flops / self.peak:.2f}%{c[5]}", flush=True)
+        return scalars
+
+    def close(self) -> None:
+        """Flush and close TensorBoard (must happen before os._exit, which skips atexit)."""
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None

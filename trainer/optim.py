@@ -1,0 +1,61 @@
+"""Optimizer, learning-rate schedule and gradient clipping."""
+
+import math
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
+from torch.optim.lr_scheduler import LambdaLR
+
+from trainer.config.job_config import LRScheduler, Optimizer
+
+
+def build_optimizer(params: list[nn.Parameter], cfg: Optimizer) -> torch.optim.Optimizer:
+    """AdamW / Adam with the configured kernel (for-loop, foreach or fused)."""
+    cls = {"AdamW": torch.optim.AdamW, "Adam": torch.optim.Adam}[cfg.name]
+    impl = {"for-loop": {"foreach": False, "fused": False}, "foreach": {"foreach": True},
+            "fused": {"fused": True}}[cfg.implementation]
+    return cls(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay, **impl)
+
+
+def lr_factor(step: int, cfg: LRScheduler, total_steps: int) -> float:
+    """Multiplier of the peak lr after `step` optimizer steps: linear warmup, a stable phase, then decay.
+
+    The first step runs at lr / (warmup_steps + 1) rather than 0, so no step is wasted.
+    """
+    warmup = min(cfg.warmup_steps, total_steps)
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    after = total_steps - warmup
+    decay_steps = after if cfg.decay_ratio is None else round(after * cfg.decay_ratio)
+    stable_end = total_steps - decay_steps
+    if step < stable_end or decay_steps == 0:
+        return 1.0
+    progress = min((step - stable_end) / decay_steps, 1.0)
+    shape = {"linear": 1.0 - progress, "sqrt": 1.0 - math.sqrt(progress),
+             "cosine": 0.5 * (1.0 + math.cos(math.pi * progress))}[cfg.decay_type]
+    return cfg.min_lr_factor + (1.0 - cfg.min_lr_factor) * shape
+
+
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: LRScheduler, total_steps: int) -> LambdaLR:
+    """A LambdaLR stepping once per optimizer step along `lr_factor`."""
+    return LambdaLR(optimizer, lambda step: lr_factor(step, cfg, total_steps))
+
+
+@torch.no_grad()
+def clip_grad_norm_(params: list[nn.Parameter], max_norm: float, pp_group=None) -> torch.Tensor:
+    """Clip to the true global L2 norm over every shard (DTensor) and every pipeline stage; return that norm.
+
+    No host sync: the norm stays a device tensor until someone logs it. max_norm <= 0 only measures.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    total = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
+    if isinstance(total, DTensor):  # partial norms over the mesh -> one replicated value
+        total = total.full_tensor()
+    if pp_group is not None:  # each stage holds different parameters: sum squares over stages
+        total = total ** 2
+        torch.distributed.all_reduce(total, group=pp_group)
+        total = total.sqrt()
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
+    return total

@@ -1,0 +1,25 @@
+"""FSDP2 (`fully_shard`) over the data-parallel mesh: per transformer block, then the root.
+
+The mesh is 2-D (dp_replicate, dp_shard x cp): FSDP2 shards over the second dim and replicates over the first,
+which is HSDP, plain FSDP when the first has size 1, and DDP-style replication when the second has size 1.
+Gradients are averaged over the whole mesh with ReduceOp.AVG, which gloo supports (it has no PREMUL_SUM, so we
+never ask FSDP for a custom divide factor).
+"""
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+
+def apply_fsdp(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype, reduce_dtype: torch.dtype,
+               reshard_after_forward: str, pp_enabled: bool = False) -> None:
+    """Shard `model` in place. reshard_after_forward: default | always | never (see the config docstring)."""
+    mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    # With pipelining every microbatch would re-gather the stage's weights, so "default" keeps them gathered there.
+    reshard = {"always": True, "never": False, "default": not pp_enabled}[reshard_after_forward]
+    for block in model.layers.values():
+        fully_shard(block, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard)
+    # The root holds embeddings, final norm and output: they are used last in forward and first in backward, so
+    # resharding them after forward would only be undone at once.
+    fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward == "always")

@@ -1,0 +1,29 @@
+"""Materialize a (possibly sharded) meta-device model with the same initial values in every parallel layout.
+
+Each parameter's value depends only on the seed and its name (see Transformer.init_param_), so a 1-process run,
+an FSDP run and a pipeline stage start from identical weights: every rank computes the full tensor for one
+parameter at a time and keeps its own shard of it. That costs the time to draw the whole model once per rank
+and the memory of its largest single tensor, never the whole model.
+"""
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from trainer.models.llama import param_generator
+
+
+@torch.no_grad()
+def init_weights(model: nn.Module, seed: int, device: torch.device) -> None:
+    """Move `model` off the meta device onto `device` and initialize parameters and buffers in place."""
+    model.to_empty(device=device)
+    model.init_buffers()
+    for name, param in model.named_parameters():
+        full = torch.empty(param.shape, dtype=param.dtype, device=device)
+        model.init_param_(name, full, param_generator(seed, name, device))
+        if isinstance(param, DTensor):
+            # src_data_rank=None: every rank holds the full value already, so slicing needs no communication.
+            shard = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+            param.to_local().copy_(shard.to_local())
+        else:
+            param.copy_(full)

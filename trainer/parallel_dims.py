@@ -1,0 +1,109 @@
+"""ParallelDims: resolve the parallel degrees, check them against the world size and the model, build the mesh.
+
+One DeviceMesh with dims (pp, dp_replicate, dp_shard, cp, tp) over every rank, plus the flattened meshes the
+features use: `dp` (dp_replicate x dp_shard) for data loading, `fsdp` (dp_replicate, dp_shard x cp) for FSDP2 /
+HSDP, and `dp_cp` (dp_replicate x dp_shard x cp) over which the loss is averaged. Resolution and validation need
+no process group, so DRY_RUN can use them for any world size.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from trainer.config import ConfigError
+from trainer.torch_private import flatten_mesh, unflatten_mesh
+
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+
+
+@dataclass
+class ParallelDims:
+    dp_replicate: int
+    dp_shard: int
+    cp: int
+    tp: int
+    pp: int
+    world_size: int
+    meshes: dict[str, DeviceMesh] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def resolve(cls, parallelism, world_size: int) -> "ParallelDims":
+        """Fill in dp_shard = -1 and check that the degrees multiply to the world size."""
+        p = parallelism
+        dp_shard = p.data_parallel_shard_degree
+        others = p.data_parallel_replicate_degree * p.context_parallel_degree * \
+            p.tensor_parallel_degree * p.pipeline_parallel_degree
+        formula = (f"dp_replicate {p.data_parallel_replicate_degree} x cp {p.context_parallel_degree} x "
+                   f"tp {p.tensor_parallel_degree} x pp {p.pipeline_parallel_degree}")
+        if dp_shard == -1:
+            if world_size % others:
+                raise ConfigError(f"parallelism: {formula} = {others} does not divide the world size {world_size} "
+                                  f"(NGPU), so data_parallel_shard_degree = -1 has nothing to take; change the degrees "
+                                  f"or NGPU")
+            dp_shard = world_size // others
+        product = others * dp_shard
+        if product != world_size:
+            hint = (f"set data_parallel_shard_degree = {world_size // others} or -1" if world_size % others == 0
+                    else "change the degrees or NGPU")
+            raise ConfigError(f"parallelism: {formula} x dp_shard {dp_shard} = {product}, but the world size (NGPU) is "
+                              f"{world_size} ({'too many' if product > world_size else 'too few'} by a factor of "
+                              f"{max(product, world_size) / min(product, world_size):g}); {hint}")
+        return cls(p.data_parallel_replicate_degree, dp_shard, p.context_parallel_degree,
+                   p.tensor_parallel_degree, p.pipeline_parallel_degree, world_size)
+
+    def validate_model(self, model_args, seq_len: int) -> None:
+        """Layout checks that depend on the model's shape."""
+        if self.tp > 1:
+            for what, n in (("n_heads", model_args.n_heads), ("n_kv_heads", model_args.n_kv_heads or model_args.n_heads),
+                            ("FFN hidden dim", model_args.ffn_hidden_dim), ("seq_len (sequence parallel)", seq_len)):
+                if n % self.tp:
+                    raise ConfigError(f"parallelism.tensor_parallel_degree = {self.tp} does not divide the model's "
+                                      f"{what} = {n}; pick a degree that divides it")
+        if self.cp > 1 and seq_len % (2 * self.cp):
+            raise ConfigError(f"training.seq_len = {seq_len} is not divisible by 2 x context_parallel_degree = "
+                              f"{2 * self.cp} (causal load balancing cuts each sequence into 2 x cp chunks)")
+        if self.pp > model_args.n_layers:
+            raise ConfigError(f"parallelism.pipeline_parallel_degree = {self.pp} exceeds the model's "
+                              f"{model_args.n_layers} layers; use at most {model_args.n_layers} stages")
+
+    @property
+    def dp(self) -> int:
+        """Data-parallel degree: how many ranks read different data."""
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def fsdp_enabled(self) -> bool:
+        """Whether parameters are sharded or replicated over data-parallel ranks with FSDP2."""
+        return self.dp_replicate * self.dp_shard * self.cp > 1
+
+    def build_mesh(self, device_type: str) -> DeviceMesh:
+        """Create the world mesh and its flattened views (needs an initialized process group)."""
+        shape = (self.pp, self.dp_replicate, self.dp_shard, self.cp, self.tp)
+        world = init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS)
+        dp_cp = flatten_mesh(world, ("dp_replicate", "dp_shard", "cp"), "dp_cp")
+        self.meshes = {
+            "world": world,
+            "dp": flatten_mesh(world, ("dp_replicate", "dp_shard"), "dp"),
+            "dp_cp": dp_cp,
+            # FSDP2 treats a 2-D mesh as (replicate, shard): HSDP, or plain replication when the shard size is 1.
+            "fsdp": unflatten_mesh(dp_cp, (self.dp_replicate, self.dp_shard * self.cp),
+                                   ("dp_replicate", "dp_shard_cp")),
+            **{name: world[name] for name in MESH_DIMS},
+        }
+        return world
+
+    def mesh(self, name: str) -> DeviceMesh:
+        """A named mesh built by build_mesh: world, dp, dp_cp, fsdp, or one of the MESH_DIMS."""
+        return self.meshes[name]
+
+    def dp_coordinate(self) -> tuple[int, int]:
+        """(rank, degree) of this process in the data-parallel dimension; (0, 1) without a mesh."""
+        if not self.meshes:
+            return 0, 1
+        return self.meshes["dp"].get_local_rank(), self.dp
+
+
+def device_type() -> str:
+    """cuda when a GPU is visible, else cpu."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
