@@ -33,3 +33,12 @@ def use_nvshmem_symmetric_memory() -> None:
     from torch.distributed._symmetric_memory import set_backend
 
     set_backend("NVSHMEM")
+
+
+def init_fake_process_group(rank: int, world_size: int) -> None:
+    """A process group whose collectives do nothing, so DRY_RUN can build any rank's real sharded layout in one
+    process (torch.testing._internal in 2.13; torchtitan's dry run uses the same)."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)

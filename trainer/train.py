@@ -45,11 +45,14 @@ def gradient_accumulation_steps(cfg: JobConfig, dp: int) -> int:
 
 
 def build_model_args(cfg: JobConfig):
-    """The model's shape from model.name / model.flavor, as a ConfigError if unknown."""
+    """The model's shape from model.name / model.flavor (ConfigError if unknown), RoPE tables of training.seq_len."""
     try:
-        return get_model_args(cfg.model.name, cfg.model.flavor)
+        args = get_model_args(cfg.model.name, cfg.model.flavor)
     except ValueError as e:
         raise ConfigError(f"model.name = {cfg.model.name!r}, model.flavor = {cfg.model.flavor!r}: {e}") from None
+    # The tables must match the sequence exactly: context parallel shards them alongside the tokens.
+    args.max_seq_len = cfg.training.seq_len
+    return args
 
 
 class Trainer:

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Launch training with torchrun on one node (or check a config with DRY_RUN=1).
+#   NGPU          ranks to start (default: visible CUDA devices, else 1)
+#   CONFIG_FILE   TOML config (default: configs/debug_model.toml)
+#   LOG_RANK      ranks that print, e.g. 0 or 0,4 (default 0)
+#   COMM_BACKEND  nccl (default with CUDA), gloo (default without), nvshmem (where available)
+#   DRY_RUN=1     validate the config for NGPU ranks, print the plan, train nothing (no GPU needed)
+# Extra arguments are config overrides: ./run_train.sh --training.steps 20 --optimizer.lr=1e-3
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+PYTHON="${PYTHON:-python3}"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+
+CONFIG_FILE="${CONFIG_FILE:-$ROOT/configs/debug_model.toml}"
+if [[ ! -f "$CONFIG_FILE" && -f "$ROOT/$CONFIG_FILE" ]]; then CONFIG_FILE="$ROOT/$CONFIG_FILE"; fi
+if [[ -z "${NGPU:-}" ]]; then
+  NGPU="$("$PYTHON" -c 'import torch; print(torch.cuda.device_count() or 1)' 2>/dev/null || echo 1)"
+fi
+export NGPU LOG_RANK="${LOG_RANK:-0}"
+[[ -n "${COMM_BACKEND:-}" ]] && export COMM_BACKEND
+
+if [[ "${DRY_RUN:-0}" == "1" ]]; then
+  exec "$PYTHON" -m trainer.dry_run --job.config_file "$CONFIG_FILE" "$@"
+fi
+# Check the config for NGPU ranks first: a mistake is one line here, not NGPU tracebacks from torchrun.
+"$PYTHON" -m trainer.dry_run --quiet --job.config_file "$CONFIG_FILE" "$@" || exit $?
+
+# Ranks share the host's cores; without this torchrun pins every rank to 1 thread.
+if [[ -z "${OMP_NUM_THREADS:-}" ]]; then
+  cores="$(nproc 2>/dev/null || echo 1)"
+  export OMP_NUM_THREADS=$(( cores / NGPU > 0 ? cores / NGPU : 1 ))
+fi
+exec "$PYTHON" -m torch.distributed.run --standalone --nnodes=1 --nproc-per-node="$NGPU" \
+  -m trainer.train --job.config_file "$CONFIG_FILE" "$@"

@@ -1,0 +1,106 @@
+"""DRY_RUN=1: check a config for NGPU ranks on any machine, without a GPU or a real process group.
+
+Parses and validates the config, resolves the mesh, builds the model on the meta device and parallelizes it
+exactly as rank 0 of an NGPU run would (collectives go to a fake process group), then prints the resolved config,
+the mesh, parameter count, FLOPs per token and an estimate of memory per rank. Exit 0 if the config is valid,
+else one line naming the problem and exit 2.
+"""
+
+import dataclasses
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+from trainer.config import ConfigError, JobConfig, help_text, load_config
+from trainer.models.llama import Transformer, flops_per_token, num_params
+from trainer.parallel import parallelize
+from trainer.parallel_dims import ParallelDims
+from trainer.torch_private import init_fake_process_group
+from trainer.train import build_model_args, gradient_accumulation_steps
+
+GiB = 2**30
+
+
+def _fmt_config(cfg: JobConfig) -> str:
+    lines = []
+    for section in dataclasses.fields(cfg):
+        lines.append(f"[{section.name}]")
+        for key, value in dataclasses.asdict(getattr(cfg, section.name)).items():
+            lines.append(f"  {key} = {value!r}")
+    return "\n".join(lines)
+
+
+def activation_bytes(args, tokens: int, bytes_per_el: int) -> int:
+    """Rough bytes of activations saved for backward on one rank (no activation checkpointing).
+
+    Per layer and token: norm inputs/outputs and attention in/out (~7 x dim), k/v (2 x kv dim), the SwiGLU
+    intermediates (4 x hidden); plus the logits in the compute dtype and their fp32 copy for the loss.
+    """
+    kv_dim = (args.n_kv_heads or args.n_heads) * args.head_dim
+    per_token_layer = 7 * args.dim + 2 * kv_dim + 4 * args.ffn_hidden_dim
+    logits = tokens * args.vocab_size * (bytes_per_el + 4)
+    return tokens * args.n_layers * per_token_layer * bytes_per_el + logits
+
+
+def dry_run(cfg: JobConfig, world_size: int) -> str:
+    """Validate `cfg` for `world_size` ranks and return the report (raises ConfigError when invalid)."""
+    args = build_model_args(cfg)
+    dims = ParallelDims.resolve(cfg.parallelism, world_size)
+    dims.validate_model(args, cfg.training.seq_len)
+    accum = gradient_accumulation_steps(cfg, dims.dp)
+    param_dtype = torch.bfloat16 if cfg.training.mixed_precision_param == "bfloat16" else torch.float32
+    init_fake_process_group(rank=0, world_size=world_size)
+    try:
+        dims.build_mesh("cpu")
+        with torch.device("meta"):
+            model = Transformer(args)
+        parallelize(model, dims, cfg, param_dtype)
+        local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters())
+    finally:
+        dist.destroy_process_group()
+    total = num_params(args)
+    # fp32 master weights + fp32 gradients + two fp32 Adam moments, each sharded like the parameters.
+    state = local * 4 * 4
+    tokens = cfg.training.local_batch_size * cfg.training.seq_len // dims.cp
+    act = activation_bytes(args, tokens, 2 if param_dtype == torch.bfloat16 else 4)
+    return "\n".join([
+        _fmt_config(cfg),
+        f"mesh: {world_size} ranks = pp {dims.pp} x dp_replicate {dims.dp_replicate} x dp_shard {dims.dp_shard} x "
+        f"cp {dims.cp} x tp {dims.tp}; gradient accumulation {accum}",
+        f"model: {cfg.model.name} {cfg.model.flavor}, {total / 1e9:.2f}B parameters ({total:,}); "
+        f"{flops_per_token(args, cfg.training.seq_len) / 1e9:.2f} GFLOPs per token at seq_len {cfg.training.seq_len}",
+        f"memory per rank (rank 0, estimate): parameters {local * 4 / GiB:.2f} GiB ({local:,} local elements), "
+        f"gradients {local * 4 / GiB:.2f} GiB, optimizer {local * 8 / GiB:.2f} GiB, activations {act / GiB:.2f} GiB, "
+        f"total {(state + act) / GiB:.2f} GiB",
+        "dry run OK",
+    ])
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m trainer.dry_run [--section.key value ...]`, world size from NGPU (default 1)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if "--help" in argv or "-h" in argv:
+        print(help_text())
+        return
+    quiet = "--quiet" in argv
+    argv = [a for a in argv if a != "--quiet"]
+    try:
+        world_size = int(os.environ.get("NGPU", "1"))
+        if world_size < 1:
+            raise ValueError
+    except ValueError:
+        print(f"error: NGPU = {os.environ.get('NGPU')!r}: expected a positive number of ranks", file=sys.stderr)
+        sys.exit(2)
+    try:
+        report = dry_run(load_config(argv), world_size)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if not quiet:
+        print(report)
+
+
+if __name__ == "__main__":
+    main()
