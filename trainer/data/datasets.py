@@ -1,0 +1,203 @@
+"""Text sources by name, and the checkpointable datasets that cut them into training windows for one dp rank.
+
+Sharding rule: every rank walks the same global stream of windows of seq_len + 1 tokens and keeps window i when
+i % dp_degree == dp_rank. The union of what the dp ranks read at a step is then the same for any dp degree, so a
+dp=2 run sees exactly the global batch of a one-process run with twice the local batch; the training parity tests
+rely on it. The price is that every rank tokenizes the whole stream, which is cheap next to a training step.
+"""
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import datasets
+import torch
+from torch.utils.data import IterableDataset
+
+from trainer.data.tokenizer import Tokenizer
+
+C4_TEST_PATH = Path(__file__).resolve().parents[2] / "tests/assets/c4_test"
+# Dataset name -> datasets' builder for local files.
+LOCAL_BUILDERS = {"text": "text", "json": "json", "jsonl": "json", "parquet": "parquet"}
+SUFFIX_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+DATASET_NAMES = ("c4_test", "c4", "synthetic", *LOCAL_BUILDERS)
+# Documents tokenized per encode_batch call; it bounds the token buffer kept in a checkpoint.
+DOCS_PER_BATCH = 32
+
+
+def _builder_of(file: Path) -> str | None:
+    return SUFFIX_BUILDERS.get(Path(file.name.removesuffix(".gz")).suffix)
+
+
+def _local_files(path: Path, split: str, builder: str | None) -> tuple[str, list[str]]:
+    """The builder and data files for a file or folder; in a folder, files named after the split (train.jsonl,
+    c4-validation.00000-of-00008.json.gz) are that split's, and a folder without such names is all train."""
+    if not path.exists():
+        raise FileNotFoundError(f"dataset_path {path} does not exist; point training.dataset_path at a file or folder")
+    if path.is_file():
+        builder = builder or _builder_of(path)
+        if builder is None:
+            raise ValueError(f"cannot tell the format of {path} from its extension; "
+                             f"set training.dataset to one of {', '.join(LOCAL_BUILDERS)}")
+        return builder, [str(path)]
+    formats = {builder} if builder else set(SUFFIX_BUILDERS.values())
+    files = sorted(f for f in path.rglob("*") if f.is_file() and _builder_of(f) in formats)
+    named = [f for f in files if re.search(rf"(^|[-_.]){split}([-_.]|$)", f.name)]
+    files = named or (files if split == "train" else [])
+    builders = {_builder_of(f) for f in files}
+    if len(builders) != 1:
+        found = f"files of several formats {sorted(builders)}" if builders else \
+            f"no {split} files ({', '.join(SUFFIX_BUILDERS)})"
+        raise FileNotFoundError(f"dataset_path {path} has {found}; point it at a folder of one format")
+    return builders.pop(), [str(f) for f in files]
+
+
+def load_documents(name: str, dataset_path: str | None, split: str) -> datasets.Dataset | datasets.IterableDataset:
+    """The documents of dataset `name` as a "text"-only HF dataset: map-style for local data, streaming for C4."""
+    streaming = False
+    if name == "c4_test":
+        builder, files = _local_files(Path(dataset_path) if dataset_path else C4_TEST_PATH, split, "json")
+    elif name == "c4":
+        if dataset_path is None:
+            docs = datasets.load_dataset("allenai/c4", name="en", split=split, streaming=True)
+            return docs.select_columns(["text"])
+        builder, files = _local_files(Path(dataset_path), split, None)
+        streaming = True  # a local copy of C4 is as large as the hub one
+    elif name in LOCAL_BUILDERS:
+        if dataset_path is None:
+            raise ValueError(f"dataset {name!r} reads local files; set training.dataset_path to a file or folder")
+        builder, files = _local_files(Path(dataset_path), split, LOCAL_BUILDERS[name])
+    else:
+        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
+    docs = datasets.load_dataset(builder, data_files=files, split="train", streaming=streaming).select_columns(["text"])
+    if not streaming and len(docs) == 0:
+        raise ValueError(f"dataset {name!r} at {files[0]} holds no documents")
+    return docs
+
+
+class WindowStream(IterableDataset):
+    """Counts the windows of the global stream and tells which belong to this dp rank; base of the datasets here."""
+
+    def __init__(self, seq_len: int, dp_rank: int, dp_degree: int):
+        if not 0 <= dp_rank < dp_degree:
+            raise ValueError(f"dp_rank {dp_rank} must be in [0, dp_degree={dp_degree})")
+        self.seq_len, self.dp_rank, self.dp_degree = seq_len, dp_rank, dp_degree
+        self._windows_seen = 0
+
+    def _is_mine(self) -> bool:
+        """Count one more global window; True when it belongs to this rank."""
+        index = self._windows_seen
+        self._windows_seen += 1
+        return index % self.dp_degree == self.dp_rank
+
+    @staticmethod
+    def _sample(window: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return window[:-1], window[1:]
+
+    def state_dict(self) -> dict:
+        """The dp layout and the number of global windows seen so far."""
+        return {"dp_rank": self.dp_rank, "dp_degree": self.dp_degree, "windows_seen": self._windows_seen}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume the window count; a state of another dp degree or rank would give a different split of the data."""
+        if state["dp_degree"] != self.dp_degree:
+            raise ValueError(
+                f"data loader state was saved with dp_degree={state['dp_degree']} but this run has dp_degree="
+                f"{self.dp_degree}; resume with the same data-parallel degree"
+            )
+        if state["dp_rank"] != self.dp_rank:
+            raise ValueError(f"data loader state of dp_rank {state['dp_rank']} loaded on dp_rank {self.dp_rank}")
+        self._windows_seen = state["windows_seen"]
+
+
+class PackedDataset(WindowStream):
+    """Documents tokenized as BOS + text + EOS, concatenated and cut into windows of seq_len + 1 tokens.
+
+    A map-style source is reshuffled every epoch with seed + epoch when `infinite`; a streaming source keeps its
+    order. With `infinite=False` one pass is made (the tail shorter than a window is dropped) and the position then
+    rewinds, so the next iteration is a fresh pass, as a validation loader needs.
+    """
+
+    def __init__(self, docs: datasets.Dataset | datasets.IterableDataset, tokenizer: Tokenizer, seq_len: int,
+                 dp_rank: int, dp_degree: int, seed: int = 0, infinite: bool = True):
+        super().__init__(seq_len, dp_rank, dp_degree)
+        self.docs, self.tokenizer, self.seed, self.infinite = docs, tokenizer, seed, infinite
+        self._shuffle = infinite and isinstance(docs, datasets.Dataset)
+        self._rewind()
+
+    def _rewind(self) -> None:
+        self._epoch, self._docs_consumed, self._tokens, self._offset = 0, 0, [], 0
+        self._windows_seen = 0
+
+    def _document_batches(self) -> Iterator[list[str]]:
+        """Batches of texts from the current position on, epoch after epoch when infinite."""
+        while True:
+            docs = self.docs.shuffle(seed=self.seed + self._epoch) if self._shuffle else self.docs
+            # Dataset.skip refuses to skip every row, which a state saved right at the end of an epoch asks for.
+            at_end = isinstance(docs, datasets.Dataset) and self._docs_consumed == len(docs)
+            for batch in [] if at_end else docs.skip(self._docs_consumed).iter(batch_size=DOCS_PER_BATCH):
+                yield batch["text"]
+            if not self.infinite:
+                return
+            self._epoch, self._docs_consumed = self._epoch + 1, 0
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        window_len = self.seq_len + 1
+        batches = self._document_batches()
+        while True:
+            while len(self._tokens) - self._offset < window_len:
+                texts = next(batches, None)
+                if texts is None:  # end of a single pass
+                    self._rewind()
+                    return
+                documents = [t for t in texts if t.strip()]  # the blank lines of a text file are no documents
+                new_tokens = [t for ids in self.tokenizer.encode_batch(documents, bos=True, eos=True) for t in ids]
+                # Position and buffer move together, so a state_dict taken at any yield is consistent.
+                self._tokens = self._tokens[self._offset:] + new_tokens
+                self._offset, self._docs_consumed = 0, self._docs_consumed + len(texts)
+            start = self._offset
+            self._offset += window_len
+            if self._is_mine():
+                yield self._sample(torch.tensor(self._tokens[start:start + window_len], dtype=torch.long))
+
+    def state_dict(self) -> dict:
+        """Position in the global stream: epoch, documents consumed in it, the token buffer left, windows seen."""
+        return {**super().state_dict(), "epoch": self._epoch, "docs_consumed": self._docs_consumed,
+                "tokens": self._tokens[self._offset:]}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume at a position saved by `state_dict`."""
+        super().load_state_dict(state)
+        self._epoch, self._docs_consumed = state["epoch"], state["docs_consumed"]
+        self._tokens, self._offset = list(state["tokens"]), 0
+
+
+class SyntheticDataset(WindowStream):
+    """Endless uniform random token ids; window i comes from its own seed, so any rank jumps straight to its own."""
+
+    def __init__(self, vocab_size: int, seq_len: int, dp_rank: int, dp_degree: int, seed: int = 0):
+        super().__init__(seq_len, dp_rank, dp_degree)
+        self.vocab_size, self.seed = vocab_size, seed
+        self._generator = torch.Generator()
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            index = self._windows_seen
+            if self._is_mine():
+                self._generator.manual_seed((self.seed << 32) + index)
+                yield self._sample(torch.randint(self.vocab_size, (self.seq_len + 1,), generator=self._generator))
+
+
+def build_dataset(name: str, dataset_path: str | None, tokenizer: Tokenizer | None, seq_len: int, dp_rank: int,
+                  dp_degree: int, seed: int = 0, split: str = "train", infinite: bool = True,
+                  vocab_size: int | None = None) -> WindowStream:
+    """The dataset `name` for one dp rank. `synthetic` needs `vocab_size` and is endless whatever split/infinite say;
+    the others need a tokenizer."""
+    if name == "synthetic":
+        if vocab_size is None:
+            raise ValueError("dataset 'synthetic' needs vocab_size (the model's) to draw token ids from")
+        return SyntheticDataset(vocab_size, seq_len, dp_rank, dp_degree, seed)
+    docs = load_documents(name, dataset_path, split)
+    if tokenizer is None:
+        raise ValueError(f"dataset {name!r} needs a tokenizer")
+    return PackedDataset(docs, tokenizer, seq_len, dp_rank, dp_degree, seed, infinite)
