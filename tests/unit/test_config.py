@@ -1,0 +1,61 @@
+"""Config precedence, help text, the parallel-degree resolver and the LR schedule, against hand-computed values."""
+
+import math
+
+import pytest
+
+from trainer.config import ConfigError, help_text, load_config
+from trainer.config.job_config import LRScheduler
+from trainer.optim import lr_factor
+from trainer.parallel_dims import ParallelDims
+
+
+def test_precedence_cli_over_toml_over_defaults(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("[training]\nsteps = 7\nseq_len = 32\n[optimizer]\nlr = 0.5\n")
+    cfg = load_config(["--job.config_file", str(path), "--training.steps=9", "--optimizer.lr", "0.25"])
+    assert (cfg.training.steps, cfg.training.seq_len, cfg.optimizer.lr) == (9, 32, 0.25)
+    assert cfg.training.local_batch_size == 8  # default
+    assert load_config(["--metrics.enable_tensorboard"]).metrics.enable_tensorboard is True
+    assert load_config(["--lr_scheduler.decay_ratio", "none"]).lr_scheduler.decay_ratio is None
+
+
+def test_help_documents_every_field():
+    text = help_text()
+    assert "--training.global_batch_size (int, default -1)" in text
+    assert "gradient accumulation" in text  # the docstring itself, not only the name
+    blank = [line for line in text.splitlines() if line.startswith("      ") and not line.strip()]
+    assert not blank, "a field without a docstring"
+
+
+@pytest.mark.parametrize("world", range(1, 17))
+def test_resolver_fills_dp_shard(world):
+    cfg = load_config([])
+    dims = ParallelDims.resolve(cfg.parallelism, world)
+    assert (dims.dp_shard, dims.dp, dims.fsdp_enabled) == (world, world, world > 1)
+    if world % 2 == 0:
+        cfg = load_config(["--parallelism.data_parallel_replicate_degree", "2"])
+        dims = ParallelDims.resolve(cfg.parallelism, world)
+        assert (dims.dp_replicate, dims.dp_shard) == (2, world // 2)
+    else:
+        with pytest.raises(ConfigError, match="does not divide the world size"):
+            ParallelDims.resolve(load_config(["--parallelism.data_parallel_replicate_degree", "2"]).parallelism, world)
+
+
+def test_resolver_rejects_wrong_product():
+    cfg = load_config(["--parallelism.data_parallel_shard_degree", "4"])
+    with pytest.raises(ConfigError, match=r"= 4, but the world size \(NGPU\) is 8 \(too few by a factor of 2\)"):
+        ParallelDims.resolve(cfg.parallelism, 8)
+
+
+def test_lr_schedule_by_hand():
+    cfg = LRScheduler(warmup_steps=4, decay_ratio=0.5, decay_type="linear", min_lr_factor=0.1)
+    # 20 steps: warmup 0..3, stable 4..11, decay over the last 8 (steps 12..19)
+    assert [lr_factor(s, cfg, 20) for s in range(4)] == [0.2, 0.4, 0.6, 0.8]
+    assert all(lr_factor(s, cfg, 20) == 1.0 for s in range(4, 12))
+    assert lr_factor(16, cfg, 20) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_factor(20, cfg, 20) == pytest.approx(0.1)
+    cos = LRScheduler(warmup_steps=0, decay_type="cosine")
+    assert lr_factor(5, cos, 10) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+    sqrt = LRScheduler(warmup_steps=0, decay_type="sqrt")
+    assert lr_factor(4, sqrt, 16) == pytest.approx(1 - math.sqrt(0.25))
