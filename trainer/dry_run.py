@@ -18,7 +18,7 @@ from trainer.models.llama import Transformer, flops_per_token, num_params
 from trainer.parallel import parallelize
 from trainer.parallel_dims import ParallelDims
 from trainer.torch_private import init_fake_process_group
-from trainer.train import build_model_args, gradient_accumulation_steps
+from trainer.train import build_model_args, build_tokenizer, check_dataset, gradient_accumulation_steps
 
 GiB = 2**30
 
@@ -44,12 +44,24 @@ def activation_bytes(args, tokens: int, bytes_per_el: int) -> int:
     return tokens * args.n_layers * per_token_layer * bytes_per_el + logits
 
 
-def dry_run(cfg: JobConfig, world_size: int) -> str:
-    """Validate `cfg` for `world_size` ranks and return the report (raises ConfigError when invalid)."""
+def dry_run(cfg: JobConfig, world_size: int, require_assets: bool = False) -> str:
+    """Validate `cfg` for `world_size` ranks and return the report (raises ConfigError when invalid).
+
+    Missing assets (tokenizer, dataset files) are an error only with `require_assets` (the launcher's check
+    before training): DRY_RUN checks a config on a machine that may never hold the weights or data.
+    """
     args = build_model_args(cfg)
     dims = ParallelDims.resolve(cfg.parallelism, world_size)
     dims.validate_model(args, cfg.training.seq_len)
     accum = gradient_accumulation_steps(cfg, dims.dp)
+    notes = []
+    try:
+        check_dataset(cfg)
+        build_tokenizer(cfg, args)
+    except ConfigError as e:
+        if require_assets:
+            raise
+        notes.append(f"note: {e} (needed before training, not for this dry run)")
     param_dtype = torch.bfloat16 if cfg.training.mixed_precision_param == "bfloat16" else torch.float32
     init_fake_process_group(rank=0, world_size=world_size)
     try:
@@ -74,6 +86,7 @@ def dry_run(cfg: JobConfig, world_size: int) -> str:
         f"memory per rank (rank 0, estimate): parameters {local * 4 / GiB:.2f} GiB ({local:,} local elements), "
         f"gradients {local * 4 / GiB:.2f} GiB, optimizer {local * 8 / GiB:.2f} GiB, activations {act / GiB:.2f} GiB, "
         f"total {(state + act) / GiB:.2f} GiB",
+        *notes,
         "dry run OK",
     ])
 
@@ -84,8 +97,9 @@ def main(argv: list[str] | None = None) -> None:
     if "--help" in argv or "-h" in argv:
         print(help_text())
         return
-    quiet = "--quiet" in argv
-    argv = [a for a in argv if a != "--quiet"]
+    # --preflight: run_train.sh's check before torchrun; silent when valid, and assets must exist.
+    preflight = "--preflight" in argv
+    argv = [a for a in argv if a != "--preflight"]
     try:
         world_size = int(os.environ.get("NGPU", "1"))
         if world_size < 1:
@@ -94,11 +108,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: NGPU = {os.environ.get('NGPU')!r}: expected a positive number of ranks", file=sys.stderr)
         sys.exit(2)
     try:
-        report = dry_run(load_config(argv), world_size)
+        report = dry_run(load_config(argv), world_size, require_assets=preflight)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    if not quiet:
+    if not preflight:
         print(report)
 
 

@@ -8,6 +8,7 @@ import gc
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 
 from trainer.config import ConfigError, JobConfig, help_text, load_config
 from trainer.data.dataloader import build_dataloader
+from trainer.data.datasets import DATASET_NAMES
 from trainer.data.tokenizer import Tokenizer
 from trainer.distributed import init_distributed, shutdown
 from trainer.metrics import MetricsLogger, peak_flops
@@ -55,6 +57,29 @@ def build_model_args(cfg: JobConfig):
     return args
 
 
+def build_tokenizer(cfg: JobConfig, model_args) -> Tokenizer | None:
+    """The tokenizer in model.hf_assets_path (None for synthetic data); ConfigError if missing or too large."""
+    if cfg.training.dataset == "synthetic":
+        return None
+    try:
+        tokenizer = Tokenizer.from_path(cfg.model.hf_assets_path)
+    except FileNotFoundError as e:
+        raise ConfigError(f"model.hf_assets_path = {cfg.model.hf_assets_path!r}: {e}") from None
+    if tokenizer.vocab_size > model_args.vocab_size:
+        raise ConfigError(f"model.hf_assets_path: the tokenizer has {tokenizer.vocab_size} tokens but {cfg.model.name} "
+                          f"{cfg.model.flavor} embeds only {model_args.vocab_size}; use the model's own tokenizer")
+    return tokenizer
+
+
+def check_dataset(cfg: JobConfig) -> None:
+    """The dataset name is known and its path exists, checked without reading it (DRY_RUN and before training)."""
+    t = cfg.training
+    if t.dataset not in DATASET_NAMES:
+        raise ConfigError(f"training.dataset = {t.dataset!r} is not one of {', '.join(DATASET_NAMES)}")
+    if t.dataset_path and not Path(t.dataset_path).exists():
+        raise ConfigError(f"training.dataset_path = {t.dataset_path!r} does not exist; point it at a file or folder")
+
+
 class Trainer:
     def __init__(self, cfg: JobConfig):
         self.cfg = cfg
@@ -75,7 +100,8 @@ class Trainer:
             self.dims.build_mesh(self.device.type)
 
         # Data: every data-parallel rank reads its own share of one global stream.
-        self.tokenizer = None if cfg.training.dataset == "synthetic" else self._tokenizer()
+        check_dataset(cfg)
+        self.tokenizer = build_tokenizer(cfg, self.model_args)
         dp_rank, dp_degree = self.dims.dp_coordinate()
         try:
             self.dataloader = build_dataloader(
@@ -106,17 +132,6 @@ class Trainer:
             tokens_divisor=self.dims.tp * self.dims.cp * self.dims.pp)
         self._log(f"model {cfg.model.name} {cfg.model.flavor}: {sum(p.numel() for p in self.model.parameters()):,} "
                   f"parameters | {self.dims} | accumulation {self.accum_steps} | {self.device} {self.param_dtype}")
-
-    def _tokenizer(self) -> Tokenizer:
-        try:
-            tokenizer = Tokenizer.from_path(self.cfg.model.hf_assets_path)
-        except FileNotFoundError as e:
-            raise ConfigError(f"model.hf_assets_path = {self.cfg.model.hf_assets_path!r}: {e}") from None
-        if tokenizer.vocab_size > self.model_args.vocab_size:
-            raise ConfigError(f"model.hf_assets_path: the tokenizer has {tokenizer.vocab_size} tokens but "
-                              f"{self.cfg.model.name} {self.cfg.model.flavor} embeds only {self.model_args.vocab_size};"
-                              f" use the model's own tokenizer")
-        return tokenizer
 
     def _log(self, msg: str) -> None:
         if self.dist.should_log:

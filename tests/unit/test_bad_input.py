@@ -37,6 +37,11 @@ CASES = [  # (name, NGPU, toml text or None, CLI args, substrings the one-line e
     ("override without value", 1, None, ["--training.steps"], ["--training.steps needs a value"]),
     ("stray argument", 1, None, ["steps=3"], ["unexpected argument 'steps=3'"]),
     ("bad NGPU", "two", None, [], ["NGPU = 'two'"]),
+    ("unknown dataset", 1, None, ["--preflight", "--training.dataset", "c5"], ["training.dataset = 'c5'", "c4_test"]),
+    ("missing dataset path", 1, None, ["--preflight", "--training.dataset", "jsonl", "--training.dataset_path",
+                                       "/nope.jsonl"], ["training.dataset_path = '/nope.jsonl' does not exist"]),
+    ("missing tokenizer", 1, None, ["--preflight", "--model.hf_assets_path", "/nope"],
+     ["model.hf_assets_path = '/nope'", "download_hf_assets.py"]),
 ]
 
 

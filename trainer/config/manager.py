@@ -22,6 +22,8 @@ else:  # pragma: no cover
 from trainer.config import job_config as _schema
 from trainer.config.job_config import JobConfig
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
 
 class ConfigError(ValueError):
     """A user error in the configuration: the message is one line naming the key, the value and the fix."""
@@ -174,7 +176,17 @@ def load_config(argv: list[str] | None = None) -> JobConfig:
             raw = "true"
         _set(cfg, section, key, raw, from_cli=True)
     validate(cfg)
+    _resolve_asset_paths(cfg)
     return cfg
+
+
+def _resolve_asset_paths(cfg: JobConfig) -> None:
+    """Relative asset paths mean the working directory first, then the repository (where the shipped configs'
+    assets live), so run_train.sh works from any directory. dump_folder stays relative to the working directory."""
+    for section, key in (("model", "hf_assets_path"), ("training", "dataset_path")):
+        value = getattr(getattr(cfg, section), key)
+        if value and not Path(value).is_absolute() and not Path(value).exists() and (REPO_ROOT / value).exists():
+            setattr(getattr(cfg, section), key, str(REPO_ROOT / value))
 
 
 def _check(ok: bool, msg: str) -> None:
