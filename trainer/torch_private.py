@@ -42,3 +42,58 @@ def init_fake_process_group(rank: int, world_size: int) -> None:
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+
+
+# --- Context parallel on CPU -------------------------------------------------------------------------------------
+# torch 2.13's context parallel handles only the CUDA SDPA kernels (flash, efficient, cuDNN). On CPU, SDPA runs
+# aten._scaled_dot_product_flash_attention_for_cpu (+ _backward), which has no handler and no sharding strategy
+# ("does not have a sharding strategy registered"). We register handlers for that op pair in the context-parallel
+# module's custom-op table; they run torch's own ring-attention kernels on the local shards (sequence on dim 2)
+# and wrap the results back as DTensors sharded on dim 2 — the same thing torch does for the CUDA kernels.
+
+def _cp_attention_module():
+    from torch.distributed.tensor.experimental._context_parallel import _attention
+
+    return _attention
+
+
+def enable_cpu_context_parallel() -> None:
+    """Teach torch's context parallel the CPU flash-attention kernels (idempotent)."""
+    import torch
+    from torch.distributed.tensor import DTensor, Shard
+
+    cp = _cp_attention_module()
+    fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+    bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+    if fwd in cp.custom_ops:
+        return
+
+    def handler(op_call, args, kwargs):
+        mesh = next(a.device_mesh for a in args if isinstance(a, DTensor))
+        local = [a.to_local() if isinstance(a, DTensor) else a for a in args]
+        if kwargs.get("attn_mask") is not None:
+            raise NotImplementedError("context parallel supports causal attention only, not an explicit attn_mask")
+        scale, group = kwargs.get("scale"), mesh.get_group()
+        if op_call is fwd:
+            q, k, v = local[:3]
+            dropout_p = local[3] if len(local) > 3 else kwargs.get("dropout_p", 0.0)
+            is_causal = local[4] if len(local) > 4 else kwargs.get("is_causal", False)
+            results = cp._templated_ring_attention(group, 2, fwd, q, k, v, is_causal=is_causal,
+                                                   dropout_p=dropout_p, scale=scale)
+        else:
+            grad_out, q, k, v, out, lse, dropout_p, is_causal = local[:8]
+            results = cp._templated_ring_attention_backward(
+                group, 2, bwd, grad_out=grad_out, grad_out_name="grad_out", query=q, key=k, value=v, out=out,
+                logsumexp=lse, is_causal=is_causal, dropout_p=dropout_p, scale=scale)
+        return tuple(DTensor.from_local(r, mesh, [Shard(2)], run_check=False) for r in results)
+
+    cp.custom_ops[fwd] = handler
+    cp.custom_ops[bwd] = handler
+
+
+def set_context_parallel_options(load_balance: bool, rotate_method: str) -> None:
+    """Head-tail load balancing on/off and the KV rotation (allgather | alltoall); both are module globals that
+    torch's context_parallel reads on entry (private in 2.13)."""
+    cp = _cp_attention_module()
+    cp._cp_options.enable_load_balance = load_balance
+    cp.set_rotate_method(rotate_method)

@@ -23,6 +23,7 @@ from trainer.metrics import MetricsLogger, peak_flops
 from trainer.models.llama import Transformer, flops_per_token, get_model_args
 from trainer.optim import build_lr_scheduler, build_optimizer, clip_grad_norm_
 from trainer.parallel import parallelize
+from trainer.parallel.context_parallel import cp_context, setup_context_parallel
 from trainer.parallel.init_weights import init_weights
 from trainer.parallel_dims import ParallelDims
 
@@ -117,6 +118,10 @@ class Trainer:
             model = Transformer(self.model_args)
         self.model = parallelize(model, self.dims, cfg, self.param_dtype)
         init_weights(self.model, self.seed, self.device)
+        self.cp_mesh = self.dims.mesh("cp") if self.dims.cp > 1 else None
+        if self.cp_mesh is not None:
+            setup_context_parallel(self.device.type, cfg.parallelism.context_parallel_load_balance,
+                                   cfg.parallelism.context_parallel_rotate_method)
         self.model.train()
         # Without FSDP there is no MixedPrecisionPolicy to cast parameters, so autocast does it.
         self.autocast = (torch.autocast(self.device.type, dtype=self.param_dtype)
@@ -139,10 +144,11 @@ class Trainer:
 
     def forward_backward(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """One micro-batch: loss scaled so that the accumulated gradient is the global-batch mean."""
-        with self.autocast:
-            logits = self.model(inputs)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten()) / self.accum_steps
-        loss.backward()
+        with cp_context(self.cp_mesh, [self.model], inputs, labels):
+            with self.autocast:
+                logits = self.model(inputs)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten()) / self.accum_steps
+            loss.backward()
         return loss.detach()
 
     def train_step(self, batches) -> tuple[torch.Tensor, torch.Tensor]:

@@ -71,7 +71,11 @@ class Parallelism:
     pipeline_parallel_degree: int = 1
     """Pipeline-parallel degree (not available yet in this version: must be 1)."""
     context_parallel_degree: int = 1
-    """Context-parallel degree (not available yet in this version: must be 1)."""
+    """Context-parallel degree: each sequence is split over this many ranks and attention runs as a ring."""
+    context_parallel_load_balance: bool = True
+    """Give each context-parallel rank chunks i and 2cp-1-i of the sequence so causal attention is balanced."""
+    context_parallel_rotate_method: str = "allgather"
+    """How keys/values travel around the ring: allgather (gather all once) or alltoall (pass one chunk a step)."""
 
 
 @dataclass

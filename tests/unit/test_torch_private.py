@@ -1,0 +1,60 @@
+"""Fails loudly when a torch upgrade moves a private API that trainer/torch_private.py relies on.
+
+Checked against torch 2.13.0. Each test names what broke; the fix belongs in trainer/torch_private.py only.
+"""
+
+import inspect
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh
+
+
+def test_device_mesh_flatten_unflatten():
+    assert callable(getattr(DeviceMesh, "_flatten", None)), "DeviceMesh._flatten is gone: update flatten_mesh"
+    assert callable(getattr(DeviceMesh, "_unflatten", None)), "DeviceMesh._unflatten is gone: update unflatten_mesh"
+    params = list(inspect.signature(DeviceMesh._unflatten).parameters)
+    assert params[:4] == ["self", "dim", "mesh_sizes", "mesh_dim_names"], params
+
+
+def test_fake_process_group_for_dry_run():
+    from torch.testing._internal.distributed.fake_pg import FakeStore  # noqa: F401
+
+
+def test_context_parallel_internals():
+    from torch.distributed.tensor.experimental._context_parallel import _attention as cp
+
+    for name in ("custom_ops", "_templated_ring_attention", "_templated_ring_attention_backward", "_cp_options",
+                 "set_rotate_method"):
+        assert hasattr(cp, name), f"torch context parallel lost {name}: update enable_cpu_context_parallel"
+    assert isinstance(cp.custom_ops, dict)
+    assert hasattr(cp._cp_options, "enable_load_balance")
+    ring = inspect.signature(cp._templated_ring_attention).parameters
+    assert list(ring)[:7] == ["group", "seq_dim", "op", "query", "key", "value", "is_causal"], list(ring)
+    back = inspect.signature(cp._templated_ring_attention_backward).parameters
+    assert list(back)[:11] == ["group", "seq_dim", "op", "grad_out", "grad_out_name", "query", "key", "value", "out",
+                               "logsumexp", "is_causal"], list(back)
+
+
+def test_cpu_sdpa_kernels_keep_their_schemas():
+    # The shim reads these ops' arguments by position.
+    fwd = str(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default._schema)
+    bwd = str(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default._schema)
+    assert "(Tensor query, Tensor key, Tensor value, float dropout_p=0., bool is_causal=False, *" in fwd, fwd
+    assert ("(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor out, Tensor logsumexp, "
+            "float dropout_p, bool is_causal, *") in bwd, bwd
+
+
+def test_cpu_sdpa_runs_the_flash_kernel():
+    # If CPU SDPA stops dispatching to this kernel, the shim silently stops being used: make it loud.
+    q = torch.randn(1, 2, 8, 4, requires_grad=True)
+    seen = []
+
+    class Spy(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with Spy():
+        torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True).sum().backward()
+    assert torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default in seen
+    assert torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default in seen
