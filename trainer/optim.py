@@ -49,13 +49,18 @@ def clip_grad_norm_(params: list[nn.Parameter], max_norm: float, pp_group=None) 
     No host sync: the norm stays a device tensor until someone logs it. max_norm <= 0 only measures.
     """
     grads = [p.grad for p in params if p.grad is not None]
-    total = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
+    # torch's CPU fp32 norm kernel accumulates sequentially: ~1e-4 relative error on a 2048x256 gradient, 7e-4 at
+    # 4096^2 (its sum kernel is accurate). Accumulate in fp64 there; CUDA reductions are accurate in fp32.
+    acc = torch.float64 if grads and grads[0].device.type == "cpu" else None
+    norms = [torch.linalg.vector_norm(g, 2.0, dtype=acc) for g in grads]
+    total = torch.linalg.vector_norm(torch.stack(norms), 2.0)
     if isinstance(total, DTensor):  # partial norms over the mesh -> one replicated value
         total = total.full_tensor()
     if pp_group is not None:  # each stage holds different parameters: sum squares over stages
         total = total ** 2
         torch.distributed.all_reduce(total, group=pp_group)
         total = total.sqrt()
+    total = total.float()
     if max_norm > 0:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
     return total

@@ -17,10 +17,12 @@ SEED = 7
 
 
 def base_overrides(flavor: str = "debugmodel", name: str = "llama3") -> list[str]:
-    """fp32, 5 steps, seq 64, global batch 4: small enough for 8 ranks on 2 cores."""
+    """fp32, 5 steps, seq 64, global batch 4: small enough for 8 ranks on 2 cores. max_norm 0.5 is below the
+    debug model's gradient norms, so clipping over sharded parameters is exercised at every step."""
     return ["--job.config_file", "configs/debug_model.toml", "--model.name", name, "--model.flavor", flavor,
             "--training.steps", str(STEPS), "--training.seq_len", "64",
             "--training.global_batch_size", str(GLOBAL_BATCH), "--training.mixed_precision_param", "float32",
+            "--training.max_norm", "0.5",
             "--metrics.enable_tensorboard", "false", "--lr_scheduler.warmup_steps", "1", "--debug.seed", str(SEED)]
 
 
@@ -37,22 +39,26 @@ def assert_reference_moves(ref: dict, flavor: str = "debugmodel", name: str = "l
     for pname, init in model.named_parameters():
         moved = (ref["params_after_step1"][pname] - init.detach()).abs().max().item()
         assert moved > 1e-5, f"{pname} did not move in step 1"
-    assert all(g > 0 for g in ref["grad_norms"])
+    assert all(g > 0.5 for g in ref["grad_norms"]), "clipping (max_norm 0.5) must be active at every step"
 
 
 def assert_matches_reference(got: dict, ref: dict, rtol: float = 1e-5, param_atol: float = 1e-5) -> dict:
-    """Loss within rtol at every step, every parameter after step 1 within param_atol; returns the deltas."""
+    """Loss and grad norm within rtol at every step, every parameter after step 1 within param_atol; returns the
+    deltas."""
     assert len(got["losses"]) == len(ref["losses"]) == STEPS
     loss_rel = [abs(a - b) / abs(b) for a, b in zip(got["losses"], ref["losses"])]
     for step, (rel, a, b) in enumerate(zip(loss_rel, got["losses"], ref["losses"]), start=1):
         assert rel <= rtol, f"step {step}: loss {a!r} vs reference {b!r} (relative {rel:.3g})"
+    norm_rel = [abs(a - b) / abs(b) for a, b in zip(got["grad_norms"], ref["grad_norms"])]
+    for step, (rel, a, b) in enumerate(zip(norm_rel, got["grad_norms"], ref["grad_norms"]), start=1):
+        assert rel <= rtol, f"step {step}: grad norm {a!r} vs reference {b!r} (relative {rel:.3g})"
     assert got["params_after_step1"].keys() == ref["params_after_step1"].keys()
     param_diff = 0.0
     for pname, ref_p in ref["params_after_step1"].items():
         diff = (got["params_after_step1"][pname] - ref_p).abs().max().item()
         assert diff <= param_atol, f"{pname}: max |param - reference| = {diff:.3g} after step 1"
         param_diff = max(param_diff, diff)
-    deltas = {"max_loss_rel": max(loss_rel), "max_param_abs": param_diff}
+    deltas = {"max_loss_rel": max(loss_rel), "max_grad_norm_rel": max(norm_rel), "max_param_abs": param_diff}
     print(f"parity: {deltas}")
     return deltas
 
