@@ -14,4 +14,4 @@ elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; the
 else
   "$PYTHON" -m pip install "torch==2.13.0"
 fi
-"$PYTHON" -m pip install -e "$ROOT[test]"
+"$PYTHON" -m pip install -e "$ROOT[test,bench]"

@@ -60,7 +60,10 @@ def main() -> None:
     tps = args.batch * args.seq_len / step_time
     fpt = flops_per_token(margs, args.seq_len)
     peak = peak_flops(torch.device("cpu"), torch.float32, -1)
-    print(json.dumps({"runner": "plain_loop", "tokens_per_second": round(tps, 1), "step_time_median_s": step_time,
+    import resource
+
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(json.dumps({"runner": "plain_loop", "peak_rss_gib": round(peak_rss, 3), "tokens_per_second": round(tps, 1), "step_time_median_s": step_time,
                       "mfu_pct": round(100 * fpt * tps / peak, 2), "peak_flops": peak, "threads": torch.get_num_threads(),
                       "first_loss": losses[0], "last_loss": losses[-1]}))
 

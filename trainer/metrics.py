@@ -64,16 +64,21 @@ class MetricsLogger:
     """Turns per-step measurements into the console line and TensorBoard scalars on the logging ranks."""
 
     def __init__(self, cfg, device: torch.device, flops_per_token: int, peak: float, enabled: bool,
-                 tokens_divisor: int):
+                 tokens_divisor: int, rank: int = 0, run_name: str | None = None):
+        """`enabled`: this rank prints. `run_name`: the TensorBoard run folder, the same on every rank."""
         self.device, self.flops_per_token, self.peak, self.enabled = device, flops_per_token, peak, enabled
         # Ranks that split one sequence's work (tp, cp, pp) process the same tokens: count them once per device.
         self.tokens_divisor = tokens_divisor
         self.color = not cfg.metrics.disable_color_printing
         self.writer = None
-        if enabled and cfg.metrics.enable_tensorboard:
+        all_ranks = cfg.metrics.save_for_all_ranks
+        if cfg.metrics.enable_tensorboard and (enabled or all_ranks):
             from torch.utils.tensorboard import SummaryWriter
 
-            log_dir = Path(cfg.job.dump_folder) / cfg.metrics.save_tb_folder / datetime.now().strftime("%Y%m%d-%H%M%S")
+            log_dir = Path(cfg.job.dump_folder) / cfg.metrics.save_tb_folder / (
+                run_name or datetime.now().strftime("%Y%m%d-%H%M%S"))
+            if all_ranks:
+                log_dir = log_dir / f"rank_{rank}"
             self.writer = SummaryWriter(log_dir=str(log_dir), max_queue=1000)
 
     def log(self, step: int, loss_avg: float, loss_max: float, grad_norm: float, lr: float, tokens: int,
@@ -86,11 +91,11 @@ class MetricsLogger:
                    "grad_norm": grad_norm, "lr": lr, "throughput(tps)": tps, "tflops": flops / 1e12,
                    "mfu(%)": 100 * flops / self.peak, "memory/max_reserved(GiB)": mem,
                    "time_metrics/end_to_end(s)": elapsed / steps, "time_metrics/data_loading(s)": data_time / steps}
-        if not self.enabled:
-            return scalars
         if self.writer is not None:
             for tag, value in scalars.items():
                 self.writer.add_scalar(tag, value, step)
+        if not self.enabled:
+            return scalars
         c = ("\033[31m", "\033[36m", "\033[33m", "\033[34m", "\033[35m", "\033[0m") if self.color else ("",) * 6
         mem_txt = f"{mem:.2f}GiB" + (f"({mem_pct:.1f}%)" if mem_pct is not None else "")
         print(f"{c[0]}step: {step:>5}  {c[1]}loss: {loss_avg:8.4f}  {c[2]}grad_norm: {grad_norm:7.4f}  "

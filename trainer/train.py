@@ -134,9 +134,16 @@ class Trainer:
         self.metrics = MetricsLogger(
             cfg, self.device, flops_per_token(self.model_args, cfg.training.seq_len),
             peak_flops(self.device, self.param_dtype, cfg.metrics.peak_flops), enabled=self.dist.should_log,
-            tokens_divisor=self.dims.tp * self.dims.cp * self.dims.pp)
+            tokens_divisor=self.dims.tp * self.dims.cp * self.dims.pp, rank=self.dist.rank, run_name=self._run_name())
         self._log(f"model {cfg.model.name} {cfg.model.flavor}: {sum(p.numel() for p in self.model.parameters()):,} "
                   f"parameters | {self.dims} | accumulation {self.accum_steps} | {self.device} {self.param_dtype}")
+
+    def _run_name(self) -> str:
+        """A timestamp taken on rank 0 and shared, so every rank's TensorBoard files land in one run folder."""
+        name = [time.strftime("%Y%m%d-%H%M%S")]
+        if dist.is_initialized():
+            dist.broadcast_object_list(name, src=0)
+        return name[0]
 
     def _log(self, msg: str) -> None:
         if self.dist.should_log:

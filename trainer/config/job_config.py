@@ -116,6 +116,8 @@ class Metrics:
     """Write TensorBoard scalars."""
     save_tb_folder: str = "tb"
     """TensorBoard folder inside job.dump_folder."""
+    save_for_all_ranks: bool = False
+    """Write TensorBoard scalars on every rank (into rank_N subfolders), not only on the logging ranks."""
     disable_color_printing: bool = False
     """Plain console output without ANSI colors."""
     peak_flops: float = -1.0

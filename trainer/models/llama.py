@@ -97,6 +97,9 @@ _SMOLLM = dict(vocab_size=49152, tie_word_embeddings=True)
 FLAVORS: dict[str, dict[str, ModelArgs]] = {
     "llama3": {
         "debugmodel": ModelArgs(dim=256, n_layers=6, n_heads=16, vocab_size=2048, rope_theta=500000.0),
+        # The benchmark shape of scripts/bench.py (dim 256, 4 layers, 4 heads, ffn 768, vocab 2048), shared with
+        # other trainers' CPU benchmarks so figures compare.
+        "benchmodel": ModelArgs(dim=256, n_layers=4, n_heads=4, vocab_size=2048, rope_theta=500000.0),
         "1B": ModelArgs(dim=2048, n_layers=16, n_heads=32, ffn_dim_multiplier=1.5, multiple_of=256,
                         rope_scaling=_LLAMA32_ROPE, tie_word_embeddings=True, **_LLAMA3),
         "3B": ModelArgs(dim=3072, n_layers=28, n_heads=24, ffn_dim_multiplier=1.0, multiple_of=256,
