@@ -31,3 +31,10 @@ def test_reference_moves(reference):
 def test_layout_matches_single_process(name, reference, tmp_path):
     ranks, spec = LAYOUTS[name]
     check_layout(ranks, spec, reference, tmp_path / "run.pt")
+
+
+def test_tied_embeddings_under_fsdp(tmp_path):
+    # SmolLM shares one matrix between embedding and output: FSDP must shard it once and sum both gradients.
+    ref = reference_run(tmp_path, flavor="debugmodel", name="smollm")
+    assert_reference_moves(ref, flavor="debugmodel", name="smollm")
+    check_layout(2, LAYOUTS["dp_shard=2"][1], ref, tmp_path / "run.pt", flavor="debugmodel", name="smollm")

@@ -1,7 +1,8 @@
 """Every mistake a user can make ends in one line naming the key and value, and a non-zero exit.
 
-Each case runs the real entry point (DRY_RUN, the same check run_train.sh does before torchrun) in a fresh
-process, so the exit code and the exact stderr a user would see are what is asserted.
+Each case runs the real entry point (trainer.dry_run.main: DRY_RUN, and the check run_train.sh does before
+torchrun) and asserts its exit code and exact stderr. Most run in this process for speed; a few run in a fresh
+process, and the launcher itself is run once, to show the in-process result is what a user sees.
 """
 
 import os
@@ -50,24 +51,49 @@ CASES = [  # (name, NGPU, toml text or None, CLI args, substrings the one-line e
 ]
 
 
-def _run(ngpu, args, tmp_path, toml):
+def _args(args, tmp_path, toml):
     if toml is not None:
         path = tmp_path / "bad.toml"
         path.write_text(toml)
         args = ["--job.config_file", str(path), *args]
+    return args
+
+
+def _run(ngpu, args, tmp_path, toml):
     env = {**os.environ, "NGPU": str(ngpu), "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "trainer.dry_run", *args], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "trainer.dry_run", *_args(args, tmp_path, toml)], env=env,
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def _run_in_process(ngpu, args, tmp_path, toml, monkeypatch, capsys) -> tuple[int, str, str]:
+    from trainer.dry_run import main
+
+    monkeypatch.setenv("NGPU", str(ngpu))
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit) as exit_info:
+        main(_args(args, tmp_path, toml))
+    out = capsys.readouterr()
+    return exit_info.value.code, out.out, out.err
+
+
+def _assert_one_line(code, out, err, expected):
+    assert code == 2, out + err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for text in expected:
+        assert text in lines[0], f"{text!r} not in {lines[0]!r}"
 
 
 @pytest.mark.parametrize("name,ngpu,toml,args,expected", CASES, ids=[c[0] for c in CASES])
-def test_one_line_error(name, ngpu, toml, args, expected, tmp_path):
+def test_one_line_error(name, ngpu, toml, args, expected, tmp_path, monkeypatch, capsys):
+    _assert_one_line(*_run_in_process(ngpu, args, tmp_path, toml, monkeypatch, capsys), expected)
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[9], CASES[-1]], ids=lambda c: c[0])
+def test_one_line_error_in_a_fresh_process(case, tmp_path):
+    name, ngpu, toml, args, expected = case
     proc = _run(ngpu, args, tmp_path, toml)
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    for text in expected:
-        assert text in lines[0], f"{text!r} not in {lines[0]!r}"
+    _assert_one_line(proc.returncode, proc.stdout, proc.stderr, expected)
 
 
 def test_launcher_stops_before_torchrun(tmp_path):
