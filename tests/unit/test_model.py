@@ -1,6 +1,7 @@
 """Llama model: parameter counts against published sizes, shapes, causality, init determinism, FLOPs by hand."""
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -160,3 +161,27 @@ def test_meta_init_then_materialise_matches_eager():
     tokens = torch.randint(0, 128, (1, 16))
     with torch.no_grad():
         torch.testing.assert_close(meta.eval()(tokens), eager(tokens), rtol=0, atol=0)
+
+
+def test_materializing_from_meta_keeps_tied_embeddings():
+    # to_empty() from meta unties shared parameters; the trainer's materialization must re-tie them.
+    from trainer.parallel.init_weights import init_weights
+
+    with torch.device("meta"):
+        model = Transformer(get_model_args("smollm", "debugmodel"))
+    init_weights(model, seed=3, device=torch.device("cpu"))
+    assert model.output.weight is model.tok_embeddings.weight
+    assert [n for n, _ in model.named_parameters()].count("output.weight") == 0
+    eager = Transformer(get_model_args("smollm", "debugmodel"))
+    eager.init_weights(seed=3)
+    for (name, a), (_, b) in zip(model.named_parameters(), eager.named_parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_tied_model_starts_near_uniform_loss():
+    # log(vocab) is the loss of a uniform guess; a badly scaled tied init starts far above it.
+    model = Transformer(get_model_args("smollm", "debugmodel"))
+    model.init_weights(seed=0)
+    tokens = torch.randint(0, 2048, (2, 64), generator=torch.Generator().manual_seed(0))
+    loss = torch.nn.functional.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
+    assert abs(loss.item() - math.log(2048)) < 0.5, loss.item()

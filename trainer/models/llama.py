@@ -297,6 +297,16 @@ class Transformer(nn.Module):
         h = self.norm(h) if self.norm is not None else h
         return self.output(h) if self.output is not None else h
 
+    def tie_weights(self) -> None:
+        """Make output.weight the embedding matrix again when the flavor ties them.
+
+        `to_empty()` from the meta device gives each module a new Parameter (meta and real tensors cannot share
+        storage), which silently unties them; call this after it.
+        """
+        if self.args.tie_word_embeddings and self.output is not None and self.tok_embeddings is not None:
+            if self.output.weight is not self.tok_embeddings.weight:
+                self.output.weight = self.tok_embeddings.weight
+
     def init_weights(self, seed: int = 0) -> None:
         """Initialise buffers and every parameter in place; for a model whose parameters are plain tensors."""
         self.init_buffers()
@@ -318,8 +328,10 @@ class Transformer(nn.Module):
 
         torchtitan's scheme: norms are ones; wq/wk/wv/w1 N(0, 0.02); wo/w2/w3 N(0, 0.02/sqrt(2*(layer+1))) so
         deeper residual branches start smaller; output N(0, dim**-0.5) so logits start at unit scale. The
-        embedding is N(0, 1) when untied; a tied matrix takes the output's init, since as output it sets the
-        logit scale while as input the first RMSNorm makes its scale irrelevant. Normals are cut at 3 std.
+        embedding is N(0, 1) when untied. A tied matrix is N(0, 0.02) (HF's initializer_range): the residual
+        stream carries the input embedding to the final norm, so logit(current token) starts at
+        sqrt(dim) * |e|, which dim**-0.5 would make ~sqrt(dim) and the initial loss ~12 instead of ~log(vocab).
+        Normals are cut at 3 std.
         """
         name = canonical_param_name(name)
         parts = name.split(".")
@@ -328,7 +340,9 @@ class Transformer(nn.Module):
             nn.init.ones_(tensor)
         elif name == "tok_embeddings.weight" and not self.args.tie_word_embeddings:
             nn.init.normal_(tensor, std=1.0, generator=generator)
-        elif name in ("tok_embeddings.weight", "output.weight"):
+        elif name == "tok_embeddings.weight":  # tied
+            nn.init.trunc_normal_(tensor, std=0.02, a=-0.06, b=0.06, generator=generator)
+        elif name == "output.weight":
             nn.init.trunc_normal_(tensor, std=out_std, a=-3 * out_std, b=3 * out_std, generator=generator)
         elif parts[0] == "layers" and parts[-2] in ("wq", "wk", "wv", "w1"):
             nn.init.trunc_normal_(tensor, std=0.02, a=-0.06, b=0.06, generator=generator)

@@ -17,6 +17,7 @@ from trainer.models.llama import param_generator
 def init_weights(model: nn.Module, seed: int, device: torch.device) -> None:
     """Move `model` off the meta device onto `device` and initialize parameters and buffers in place."""
     model.to_empty(device=device)
+    model.tie_weights()
     model.init_buffers()
     for name, param in model.named_parameters():
         full = torch.empty(param.shape, dtype=param.dtype, device=device)
