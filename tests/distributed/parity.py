@@ -41,18 +41,22 @@ def assert_reference_moves(ref: dict, flavor: str = "debugmodel", name: str = "l
 
 
 def assert_matches_reference(got: dict, ref: dict, rtol: float = 1e-5, param_atol: float = 1e-5) -> dict:
-    """Loss within rtol at every step, every parameter after step 1 within param_atol; returns the deltas."""
+    """Loss and gradient norm within rtol at every step, every parameter after step 1 within param_atol; returns
+    the deltas. The gradient norm is the global one clipping uses, so it checks the norm over every shard too."""
     assert len(got["losses"]) == len(ref["losses"]) == STEPS
-    loss_rel = [abs(a - b) / abs(b) for a, b in zip(got["losses"], ref["losses"])]
-    for step, (rel, a, b) in enumerate(zip(loss_rel, got["losses"], ref["losses"]), start=1):
-        assert rel <= rtol, f"step {step}: loss {a!r} vs reference {b!r} (relative {rel:.3g})"
+    rel = {}
+    for what, label in (("losses", "loss"), ("grad_norms", "grad norm")):
+        rel[what] = [abs(a - b) / abs(b) for a, b in zip(got[what], ref[what])]
+        for step, (r, a, b) in enumerate(zip(rel[what], got[what], ref[what]), start=1):
+            assert r <= rtol, f"step {step}: {label} {a!r} vs reference {b!r} (relative {r:.3g})"
     assert got["params_after_step1"].keys() == ref["params_after_step1"].keys()
     param_diff = 0.0
     for pname, ref_p in ref["params_after_step1"].items():
         diff = (got["params_after_step1"][pname] - ref_p).abs().max().item()
         assert diff <= param_atol, f"{pname}: max |param - reference| = {diff:.3g} after step 1"
         param_diff = max(param_diff, diff)
-    deltas = {"max_loss_rel": max(loss_rel), "max_param_abs": param_diff}
+    deltas = {"max_loss_rel": max(rel["losses"]), "max_grad_norm_rel": max(rel["grad_norms"]),
+              "max_param_abs": param_diff}
     print(f"parity: {deltas}")
     return deltas
 
