@@ -23,7 +23,7 @@ if [[ "${DRY_RUN:-0}" == "1" ]]; then
   exec "$PYTHON" -m trainer.dry_run --job.config_file "$CONFIG_FILE" "$@"
 fi
 # Check the config for NGPU ranks first: a mistake is one line here, not NGPU tracebacks from torchrun.
-"$PYTHON" -m trainer.dry_run --quiet --job.config_file "$CONFIG_FILE" "$@" || exit $?
+"$PYTHON" -m trainer.dry_run --quiet --check-device --job.config_file "$CONFIG_FILE" "$@" || exit $?
 
 # Ranks share the host's cores; without this torchrun pins every rank to 1 thread.
 if [[ -z "${OMP_NUM_THREADS:-}" ]]; then

@@ -17,11 +17,17 @@ SEED = 7
 
 
 def base_overrides(flavor: str = "debugmodel", name: str = "llama3") -> list[str]:
-    """fp32, 5 steps, seq 64, global batch 4: small enough for 8 ranks on 2 cores."""
+    """fp32, 5 steps, seq 64, global batch 4: small enough for 8 ranks on 2 cores.
+
+    Adam eps 1e-6 rather than 1e-8: Adam's first step is lr * g / (|g| + eps), so with eps 1e-8 a gradient entry
+    of ~5e-9 turns fp32 reduction-order noise (~1e-9, which every layout has) into a parameter difference of
+    ~1e-5 (seen with tp=2 on the smollm debug model). The larger eps keeps that amplification below lr / eps.
+    """
     return ["--job.config_file", "configs/debug_model.toml", "--model.name", name, "--model.flavor", flavor,
             "--training.steps", str(STEPS), "--training.seq_len", "64",
             "--training.global_batch_size", str(GLOBAL_BATCH), "--training.mixed_precision_param", "float32",
-            "--metrics.enable_tensorboard", "false", "--lr_scheduler.warmup_steps", "1", "--debug.seed", str(SEED)]
+            "--metrics.enable_tensorboard", "false", "--lr_scheduler.warmup_steps", "1", "--debug.seed", str(SEED),
+            "--optimizer.eps", "1e-6"]
 
 
 def reference_run(out_dir: Path, flavor: str = "debugmodel", name: str = "llama3") -> dict:
