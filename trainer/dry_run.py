@@ -16,9 +16,9 @@ import torch.distributed as dist
 from trainer.config import ConfigError, JobConfig, help_text, load_config
 from trainer.models.llama import Transformer, flops_per_token, num_params
 from trainer.parallel import parallelize
-from trainer.parallel_dims import ParallelDims
+from trainer.parallel_dims import ParallelDims, device_type
 from trainer.torch_private import init_fake_process_group
-from trainer.train import build_model_args, build_tokenizer, check_dataset, gradient_accumulation_steps
+from trainer.train import build_model_args, build_tokenizer, check_dataset, check_device, gradient_accumulation_steps
 
 GiB = 2**30
 
@@ -32,16 +32,19 @@ def _fmt_config(cfg: JobConfig) -> str:
     return "\n".join(lines)
 
 
-def activation_bytes(args, tokens: int, bytes_per_el: int) -> int:
+def activation_bytes(args, tokens: int, bytes_per_el: int, tp: int = 1, loss_parallel: bool = False) -> int:
     """Rough bytes of activations saved for backward on one rank (no activation checkpointing).
 
     Per layer and token: norm inputs/outputs and attention in/out (~7 x dim), k/v (2 x kv dim), the SwiGLU
-    intermediates (4 x hidden); plus the logits in the compute dtype and their fp32 copy for the loss.
+    intermediates (4 x hidden); plus the logits in the compute dtype and their fp32 copy for the loss. Tensor
+    parallel splits all of it over tp except the two sequence-gathered norm outputs the column-wise layers
+    keep, and the logits only under loss parallel.
     """
     kv_dim = (args.n_kv_heads or args.n_heads) * args.head_dim
-    per_token_layer = 7 * args.dim + 2 * kv_dim + 4 * args.ffn_hidden_dim
-    logits = tokens * args.vocab_size * (bytes_per_el + 4)
-    return tokens * args.n_layers * per_token_layer * bytes_per_el + logits
+    gathered = 2 * args.dim if tp > 1 else 0
+    per_token_layer = gathered + (7 * args.dim - gathered + 2 * kv_dim + 4 * args.ffn_hidden_dim) / tp
+    logits = tokens * args.vocab_size * (bytes_per_el + 4) / (tp if loss_parallel else 1)
+    return int(tokens * args.n_layers * per_token_layer * bytes_per_el + logits)
 
 
 def dry_run(cfg: JobConfig, world_size: int, require_assets: bool = False) -> str:
@@ -76,7 +79,8 @@ def dry_run(cfg: JobConfig, world_size: int, require_assets: bool = False) -> st
     # fp32 master weights + fp32 gradients + two fp32 Adam moments, each sharded like the parameters.
     state = local * 4 * 4
     tokens = cfg.training.local_batch_size * cfg.training.seq_len // dims.cp
-    act = activation_bytes(args, tokens, 2 if param_dtype == torch.bfloat16 else 4)
+    act = activation_bytes(args, tokens, 2 if param_dtype == torch.bfloat16 else 4, dims.tp,
+                           dims.loss_parallel_enabled)
     return "\n".join([
         _fmt_config(cfg),
         f"mesh: {world_size} ranks = pp {dims.pp} x dp_replicate {dims.dp_replicate} x dp_shard {dims.dp_shard} x "
@@ -97,7 +101,8 @@ def main(argv: list[str] | None = None) -> None:
     if "--help" in argv or "-h" in argv:
         print(help_text())
         return
-    # --preflight: run_train.sh's check before torchrun; silent when valid, and assets must exist.
+    # --preflight: run_train.sh's check before torchrun on this machine; silent when valid, and the
+    # assets and the device-dependent checks must pass too.
     preflight = "--preflight" in argv
     argv = [a for a in argv if a != "--preflight"]
     try:
@@ -108,7 +113,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: NGPU = {os.environ.get('NGPU')!r}: expected a positive number of ranks", file=sys.stderr)
         sys.exit(2)
     try:
-        report = dry_run(load_config(argv), world_size, require_assets=preflight)
+        cfg = load_config(argv)
+        if preflight:
+            check_device(cfg, device_type())
+        report = dry_run(cfg, world_size, require_assets=preflight)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -56,6 +56,7 @@ def clip_grad_norm_(params: list[nn.Parameter], max_norm: float, pp_group=None) 
     total = torch.linalg.vector_norm(torch.stack(norms), 2.0)
     if isinstance(total, DTensor):  # partial norms over the mesh -> one replicated value
         total = total.full_tensor()
+    total = total.float()
     if pp_group is not None:  # each stage holds different parameters: sum squares over stages
         total = total ** 2
         torch.distributed.all_reduce(total, group=pp_group)

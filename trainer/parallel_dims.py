@@ -25,6 +25,7 @@ class ParallelDims:
     tp: int
     pp: int
     world_size: int
+    disable_loss_parallel: bool = False
     meshes: dict[str, DeviceMesh] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -50,19 +51,28 @@ class ParallelDims:
                               f"{world_size} ({'too many' if product > world_size else 'too few'} by a factor of "
                               f"{max(product, world_size) / min(product, world_size):g}); {hint}")
         return cls(p.data_parallel_replicate_degree, dp_shard, p.context_parallel_degree,
-                   p.tensor_parallel_degree, p.pipeline_parallel_degree, world_size)
+                   p.tensor_parallel_degree, p.pipeline_parallel_degree, world_size, p.disable_loss_parallel)
 
     def validate_model(self, model_args, seq_len: int) -> None:
         """Layout checks that depend on the model's shape."""
         if self.tp > 1:
-            for what, n in (("n_heads", model_args.n_heads), ("n_kv_heads", model_args.n_kv_heads or model_args.n_heads),
-                            ("FFN hidden dim", model_args.ffn_hidden_dim), ("seq_len (sequence parallel)", seq_len)):
+            # Column/row-wise layers split whole heads and FFN channels; kv heads are not replicated across tp.
+            shape = {"n_heads": model_args.n_heads, "n_kv_heads": model_args.n_kv_heads or model_args.n_heads,
+                     "FFN hidden dim": model_args.ffn_hidden_dim}
+            for what, n in shape.items():
                 if n % self.tp:
+                    valid = [d for d in range(1, min(shape.values()) + 1) if all(v % d == 0 for v in shape.values())]
                     raise ConfigError(f"parallelism.tensor_parallel_degree = {self.tp} does not divide the model's "
-                                      f"{what} = {n}; pick a degree that divides it")
+                                      f"{what} = {n}; use a degree that divides n_heads, n_kv_heads and the FFN "
+                                      f"hidden dim: {', '.join(map(str, valid))}")
         if self.cp > 1 and seq_len % (2 * self.cp):
             raise ConfigError(f"training.seq_len = {seq_len} is not divisible by 2 x context_parallel_degree = "
                               f"{2 * self.cp} (causal load balancing cuts each sequence into 2 x cp chunks)")
+        if self.tp > 1 and (seq_len // self.cp) % self.tp:
+            multiple = self.tp * (2 * self.cp if self.cp > 1 else 1)
+            raise ConfigError(f"training.seq_len = {seq_len} does not split over tensor_parallel_degree = {self.tp} "
+                              f"(sequence parallel splits each {'context-parallel shard of the ' if self.cp > 1 else ''}"
+                              f"sequence over the tp ranks); use a multiple of {multiple}")
         if self.pp > model_args.n_layers:
             raise ConfigError(f"parallelism.pipeline_parallel_degree = {self.pp} exceeds the model's "
                               f"{model_args.n_layers} layers; use at most {model_args.n_layers} stages")
@@ -71,6 +81,11 @@ class ParallelDims:
     def dp(self) -> int:
         """Data-parallel degree: how many ranks read different data."""
         return self.dp_replicate * self.dp_shard
+
+    @property
+    def loss_parallel_enabled(self) -> bool:
+        """Whether the loss is computed on vocab-sharded logits (tensor parallel without disable_loss_parallel)."""
+        return self.tp > 1 and not self.disable_loss_parallel
 
     @property
     def fsdp_enabled(self) -> bool:

@@ -35,6 +35,15 @@ def use_nvshmem_symmetric_memory() -> None:
     set_backend("NVSHMEM")
 
 
+def enable_async_tensor_parallel() -> None:
+    """Let inductor overlap TP collectives with the matmuls around them (micro-pipeline TP; private config in
+    2.13). Only compiled code on CUDA benefits. torchtitan also called enable_symm_mem_for_group for the tp group;
+    2.13 deprecates that as unnecessary."""
+    import torch._inductor.config
+
+    torch._inductor.config._micro_pipeline_tp = True
+
+
 def init_fake_process_group(rank: int, world_size: int) -> None:
     """A process group whose collectives do nothing, so DRY_RUN can build any rank's real sharded layout in one
     process (torch.testing._internal in 2.13; torchtitan's dry run uses the same)."""

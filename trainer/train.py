@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 from trainer.config import ConfigError, JobConfig, help_text, load_config
 from trainer.data.dataloader import build_dataloader
@@ -25,6 +26,7 @@ from trainer.optim import build_lr_scheduler, build_optimizer, clip_grad_norm_
 from trainer.parallel import parallelize
 from trainer.parallel.context_parallel import cp_context, setup_context_parallel
 from trainer.parallel.init_weights import init_weights
+from trainer.parallel.tensor_parallel import loss_context
 from trainer.parallel_dims import ParallelDims
 
 
@@ -45,6 +47,17 @@ def gradient_accumulation_steps(cfg: JobConfig, dp: int) -> int:
         raise ConfigError(f"training.global_batch_size = {t.global_batch_size} is not a multiple of local_batch_size "
                           f"{t.local_batch_size} x data-parallel degree {dp} = {per_step}; make it a multiple")
     return t.global_batch_size // per_step
+
+
+def check_device(cfg: JobConfig, device_type: str) -> None:
+    """Checks that depend on the device the run trains on; DRY_RUN checks configs for any machine, so it runs
+    these only for the machine it is on (run_train.sh does so before torchrun)."""
+    if cfg.parallelism.enable_async_tensor_parallel:
+        if device_type != "cuda":
+            raise ConfigError(f"parallelism.enable_async_tensor_parallel = true needs CUDA (and torch.compile), but "
+                              f"this run is on {device_type}; set it to false")
+        raise ConfigError("parallelism.enable_async_tensor_parallel = true needs torch.compile, which has not landed "
+                          "in this version yet; set it to false")
 
 
 def build_model_args(cfg: JobConfig):
@@ -86,6 +99,7 @@ class Trainer:
         self.cfg = cfg
         self.dist = init_distributed()
         self.device = self.dist.device
+        check_device(cfg, self.device.type)
         self.seed = cfg.debug.seed if cfg.debug.seed is not None else 0
         torch.manual_seed(self.seed)
         if cfg.debug.deterministic:
@@ -154,9 +168,13 @@ class Trainer:
         with cp_context(self.cp_mesh, [self.model], inputs, labels):
             with self.autocast:
                 logits = self.model(inputs)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten()) / self.accum_steps
-            loss.backward()
-        return loss.detach()
+            # Under loss parallel the logits are a vocab-sharded DTensor; its backward must run in the context too.
+            with loss_context(self.dims.loss_parallel_enabled):
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten()) / self.accum_steps
+                loss.backward()
+        loss = loss.detach()
+        # A loss-parallel loss is a DTensor replicated over tp: every tp rank's local value is the whole loss.
+        return loss.to_local() if isinstance(loss, DTensor) else loss
 
     def train_step(self, batches) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step over `accum_steps` micro-batches; returns (local loss, global grad norm), on device."""

@@ -15,6 +15,8 @@ LAYOUTS = {
                                  "parallelism.context_parallel_load_balance": False}),
     "dp_shard=2 x cp=2": (4, {"parallelism.context_parallel_degree": 2, "parallelism.data_parallel_shard_degree": 2,
                               "training.local_batch_size": 2}),
+    "cp=2 x tp=2": (4, {"parallelism.context_parallel_degree": 2, "parallelism.tensor_parallel_degree": 2,
+                        "parallelism.data_parallel_shard_degree": 1}),
 }
 
 pytestmark = pytest.mark.distributed

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -30,6 +31,12 @@ CASES = [  # (name, NGPU, toml text or None, CLI args, substrings the one-line e
      ["dp_replicate 4", "does not divide the world size 6"]),
     ("global batch not divisible", 2, None, ["--training.global_batch_size", "12", "--training.local_batch_size", "4"],
      ["training.global_batch_size = 12", "4 x data-parallel degree 2 = 8"]),
+    ("tp does not divide the heads", 3, None, ["--parallelism.tensor_parallel_degree", "3"],
+     ["tensor_parallel_degree = 3", "n_heads = 16", "1, 2, 4, 8, 16"]),
+    ("tp does not divide the kv heads", 4, None, ["--model.name", "smollm", "--parallelism.tensor_parallel_degree", "4"],
+     ["tensor_parallel_degree = 4", "n_kv_heads = 2", ": 1, 2"]),
+    ("tp does not divide seq_len", 2, None, ["--parallelism.tensor_parallel_degree", "2", "--training.seq_len", "127"],
+     ["training.seq_len = 127", "tensor_parallel_degree = 2", "multiple of 2"]),
     ("dimension not landed", 2, None, ["--parallelism.pipeline_parallel_degree", "2"],
      ["pipeline_parallel_degree = 2", "not landed"]),
     ("unknown flavor", 1, None, ["--model.flavor", "9B"], ["model.flavor = '9B'", "8B"]),
@@ -103,6 +110,28 @@ def test_launcher_stops_before_torchrun(tmp_path):
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "dp_shard 3" in proc.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
+@pytest.mark.parametrize("entry", ["run_train.sh", "trainer.train"])
+def test_async_tensor_parallel_refused_on_cpu(entry, tmp_path):
+    # A device check: run_train.sh makes it before torchrun, the Trainer itself when started another way.
+    args = ["--parallelism.tensor_parallel_degree", "2", "--parallelism.enable_async_tensor_parallel"]
+    env = {**os.environ, "NGPU": "2", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)}
+    cmd = ([str(ROOT / "run_train.sh"), *args] if entry == "run_train.sh" else
+           [sys.executable, "-m", "trainer.train", "--job.config_file", str(ROOT / "configs/debug_model.toml"), *args])
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "enable_async_tensor_parallel = true needs CUDA" in lines[0] and "on cpu" in lines[0]
+
+
+def test_dry_run_accepts_async_tensor_parallel_for_another_machine(tmp_path):
+    # DRY_RUN checks a config for NGPU ranks of any machine, so a CUDA-only feature is not refused on a laptop.
+    proc = _run(2, ["--parallelism.tensor_parallel_degree", "2", "--parallelism.enable_async_tensor_parallel"],
+                tmp_path, None)
+    assert proc.returncode == 0 and "dry run OK" in proc.stdout, proc.stderr
 
 
 def test_valid_configs_pass_dry_run(tmp_path):

@@ -65,9 +65,15 @@ class Parallelism:
     """Free gathered parameters after forward: default (yes, except the root module), always, or never (faster,
     more memory)."""
     tensor_parallel_degree: int = 1
-    """Tensor-parallel degree (not available yet in this version: must be 1)."""
+    """Tensor-parallel degree: every transformer block, the embedding and the output projection are split over
+    this many ranks (Megatron column/row-wise layers with sequence-parallel norms between them). It must divide
+    the model's n_heads, n_kv_heads and FFN hidden dim, and training.seq_len. Composes with FSDP / HSDP."""
     disable_loss_parallel: bool = False
-    """With tensor parallel: compute the loss on gathered logits instead of vocab-sharded ones."""
+    """With tensor parallel: compute the loss on gathered logits instead of vocab-sharded ones (loss parallel
+    saves the [batch, seq, vocab] all-gather and its memory)."""
+    enable_async_tensor_parallel: bool = False
+    """With tensor parallel: overlap its collectives with the matmuls around them (inductor micro-pipeline TP).
+    Needs CUDA and torch.compile."""
     pipeline_parallel_degree: int = 1
     """Pipeline-parallel degree (not available yet in this version: must be 1)."""
     context_parallel_degree: int = 1

@@ -212,8 +212,7 @@ def validate(cfg: JobConfig) -> None:
            f"parallelism.data_parallel_shard_degree = {p.data_parallel_shard_degree} must be -1 (the rest) or >= 1")
     _check(t.global_batch_size == -1 or t.global_batch_size >= 1,
            f"training.global_batch_size = {t.global_batch_size} must be -1 (local x dp) or >= 1")
-    for key, value in (("parallelism.tensor_parallel_degree", p.tensor_parallel_degree),
-                       ("parallelism.pipeline_parallel_degree", p.pipeline_parallel_degree)):
+    for key, value in (("parallelism.pipeline_parallel_degree", p.pipeline_parallel_degree),):
         _check(value == 1, f"{key} = {value}: this parallelism has not landed in this version yet; set it to 1")
     _one_of("parallelism.context_parallel_rotate_method", p.context_parallel_rotate_method, ("allgather", "alltoall"))
     _one_of("training.mixed_precision_param", t.mixed_precision_param, ("auto", "float32", "bfloat16"))

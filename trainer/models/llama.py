@@ -297,16 +297,6 @@ class Transformer(nn.Module):
         h = self.norm(h) if self.norm is not None else h
         return self.output(h) if self.output is not None else h
 
-    def tie_weights(self) -> None:
-        """Make output.weight the embedding matrix again when the flavor ties them.
-
-        `to_empty()` from the meta device gives each module a new Parameter (meta and real tensors cannot share
-        storage), which silently unties them; call this after it.
-        """
-        if self.args.tie_word_embeddings and self.output is not None and self.tok_embeddings is not None:
-            if self.output.weight is not self.tok_embeddings.weight:
-                self.output.weight = self.tok_embeddings.weight
-
     def init_weights(self, seed: int = 0) -> None:
         """Initialise buffers and every parameter in place; for a model whose parameters are plain tensors."""
         self.init_buffers()

@@ -5,11 +5,15 @@ from torch import nn
 
 from trainer.config import JobConfig
 from trainer.parallel.fsdp import apply_fsdp
+from trainer.parallel.tensor_parallel import apply_tensor_parallel
 from trainer.parallel_dims import ParallelDims
 
 
 def parallelize(model: nn.Module, dims: ParallelDims, cfg: JobConfig, param_dtype: torch.dtype) -> nn.Module:
     """Apply, in torchtitan's order, TP -> CP -> activation checkpointing -> compile -> FSDP to a meta model."""
+    if dims.tp > 1:
+        apply_tensor_parallel(model, dims.mesh("tp"), loss_parallel_enabled=dims.loss_parallel_enabled,
+                              async_tp=cfg.parallelism.enable_async_tensor_parallel)
     if dims.fsdp_enabled:
         apply_fsdp(model, dims.mesh("fsdp"), param_dtype=param_dtype,
                    reduce_dtype=getattr(torch, cfg.training.mixed_precision_reduce),

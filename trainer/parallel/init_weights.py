@@ -13,11 +13,29 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from trainer.models.llama import param_generator
 
 
+def _shared_parameters(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module, str]]:
+    """(module, name, owner module, owner name) for every parameter registered again under a second name."""
+    owners, shared = {}, []
+    for module in model.modules():
+        for name, param in module._parameters.items():
+            if param is None:
+                continue
+            if id(param) in owners:
+                shared.append((module, name, *owners[id(param)]))
+            else:
+                owners[id(param)] = (module, name)
+    return shared
+
+
 @torch.no_grad()
 def init_weights(model: nn.Module, seed: int, device: torch.device) -> None:
     """Move `model` off the meta device onto `device` and initialize parameters and buffers in place."""
+    # to_empty gives each module a new Parameter for a plain meta tensor (DTensors are swapped in place), which
+    # would untie tied embeddings: the output projection would get its own, differently initialized weight.
+    shared = _shared_parameters(model)
     model.to_empty(device=device)
-    model.tie_weights()
+    for module, name, owner, owner_name in shared:
+        setattr(module, name, getattr(owner, owner_name))
     model.init_buffers()
     for name, param in model.named_parameters():
         full = torch.empty(param.shape, dtype=param.dtype, device=device)

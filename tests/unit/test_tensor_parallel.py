@@ -1,0 +1,79 @@
+"""The tensor-parallel layout, built as rank 0 of an NGPU run on a fake process group (no collectives run).
+
+Checked here: every parameter is a DTensor (foreach AdamW and clipping refuse a mix), the tied embedding is one
+parameter sharded on the vocab dim, and DRY_RUN's per-rank parameter count shrinks by tp for the sharded layers.
+"""
+
+import re
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+from trainer.config import load_config
+from trainer.dry_run import dry_run
+from trainer.models.llama import Transformer, get_model_args, num_params
+from trainer.parallel import parallelize
+from trainer.parallel_dims import ParallelDims
+from trainer.torch_private import init_fake_process_group
+
+# Column-wise layers shard their [out, in] weight on dim 0, row-wise ones on dim 1, norms are replicated.
+EXPECTED_TP_PLACEMENT = {"wq": Shard(0), "wk": Shard(0), "wv": Shard(0), "w1": Shard(0), "w3": Shard(0),
+                         "wo": Shard(1), "w2": Shard(1), "tok_embeddings": Shard(0), "output": Shard(0),
+                         "attention_norm": Replicate(), "ffn_norm": Replicate(), "norm": Replicate()}
+
+
+def build(name: str, world_size: int, overrides: list[str]) -> Transformer:
+    """The meta model exactly as rank 0 of a `world_size`-rank run parallelizes it."""
+    cfg = load_config(["--model.name", name, "--training.seq_len", "64", *overrides])
+    dims = ParallelDims.resolve(cfg.parallelism, world_size)
+    init_fake_process_group(rank=0, world_size=world_size)
+    dims.build_mesh("cpu")
+    with torch.device("meta"):
+        model = Transformer(get_model_args(name, "debugmodel"))
+    return parallelize(model, dims, cfg, torch.float32)
+
+
+@pytest.fixture(autouse=True)
+def _destroy_process_group():
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("name", ["llama3", "smollm"])
+@pytest.mark.parametrize("world_size,overrides", [
+    (2, ["--parallelism.tensor_parallel_degree", "2"]),
+    (4, ["--parallelism.tensor_parallel_degree", "2", "--parallelism.data_parallel_shard_degree", "2"]),
+], ids=["tp=2", "dp_shard=2 x tp=2"])
+def test_every_parameter_is_a_dtensor_on_the_tp_plan(name, world_size, overrides):
+    model = build(name, world_size, overrides)
+    for pname, param in model.named_parameters():
+        assert isinstance(param, DTensor), f"{pname} is a plain tensor"
+        tp_dim = param.device_mesh.mesh_dim_names.index("tp")
+        assert param.placements[tp_dim] == EXPECTED_TP_PLACEMENT[pname.split(".")[-2]], (pname, param.placements)
+    if get_model_args(name, "debugmodel").tie_word_embeddings:
+        assert model.output.weight is model.tok_embeddings.weight
+        assert [n for n, _ in model.named_parameters()].count("output.weight") == 0
+
+
+def local_elements(world_size: int, overrides: list[str]) -> int:
+    """The per-rank parameter count DRY_RUN reports for rank 0."""
+    report = dry_run(load_config(["--training.seq_len", "64", *overrides]), world_size)
+    return int(re.search(r"\(([\d,]+) local elements\)", report).group(1).replace(",", ""))
+
+
+def test_dry_run_parameter_memory_shrinks_by_tp():
+    args = get_model_args("llama3", "debugmodel")
+    norms = (2 * args.n_layers + 1) * args.dim  # the only replicated parameters
+    sharded = num_params(args) - norms
+    for tp in (1, 2, 4):
+        degrees = ["--parallelism.tensor_parallel_degree", str(tp)]
+        # NGPU=4, the rest replicas: only TP shards, so each rank holds 1/tp of every sharded layer.
+        replicated = local_elements(4, degrees + ["--parallelism.data_parallel_replicate_degree", str(4 // tp),
+                                                  "--parallelism.data_parallel_shard_degree", "1"])
+        assert replicated == sharded // tp + norms, tp
+        # NGPU=4, the rest FSDP: 4 shards of every matrix whatever tp is; only the norms are split by dp_shard.
+        fsdp = local_elements(4, degrees)
+        assert fsdp == sharded // 4 + norms // (4 // tp), tp

@@ -1,0 +1,97 @@
+"""Tensor parallel with sequence parallel (Megatron-style) over the `tp` mesh, applied from outside the model.
+
+Inside a block, wq/wk/wv and w1/w3 are column-wise (each rank computes n_heads/tp heads and hidden/tp FFN
+channels) and wo/w2 row-wise (their partial sums are reduce-scattered over the sequence). Between the
+parallel regions the residual stream is sequence-sharded: each rank holds [batch, seq/tp, dim] and runs the
+RMSNorms on its slice (SequenceParallel), so every activation outside attention and the MLP is 1/tp per rank.
+PrepareModuleInput all-gathers the sequence on the way into attention and the MLP.
+
+The embedding is vocab-parallel (its [vocab, dim] weight Shard(0): each rank looks up the tokens it owns and the
+partial rows are reduce-scattered into the sequence-sharded stream) and the output projection column-wise (the
+same Shard(0) of its [vocab, dim] weight). Both shard the same dim of the same-shaped matrix, which is what
+makes tied embeddings (SmolLM) work: one DTensor parameter serves as both.
+
+Loss parallel: the output keeps the logits as a DTensor sharded on the vocab dim, and cross-entropy under
+`torch.distributed.tensor.parallel.loss_parallel` reduces the softmax statistics over tp instead of gathering
+[batch, seq, vocab] logits on every rank. With parallelism.disable_loss_parallel the logits are all-gathered
+and the loss is the ordinary one.
+
+Every parameter ends up a DTensor on the tp mesh (norms Replicate, the rest Shard), which foreach AdamW and
+gradient clipping need: they refuse a mix of DTensors and plain tensors.
+"""
+
+import contextlib
+
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    loss_parallel,
+    parallelize_module,
+)
+
+from trainer.torch_private import enable_async_tensor_parallel
+
+
+def block_plan() -> dict:
+    """The plan of one TransformerBlock: Megatron column/row pairs with sequence-parallel norms between them."""
+    return {
+        "attention_norm": SequenceParallel(),
+        # Attention takes (x, rope_cache): gather x's sequence, leave the (plain, full) RoPE table alone.
+        "attention": PrepareModuleInput(input_layouts=(Shard(1), None), desired_input_layouts=(Replicate(), None)),
+        "attention.wq": ColwiseParallel(),
+        "attention.wk": ColwiseParallel(),
+        "attention.wv": ColwiseParallel(),
+        "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
+        "ffn_norm": SequenceParallel(),
+        "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+        "feed_forward.w1": ColwiseParallel(),
+        "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
+        "feed_forward.w3": ColwiseParallel(),
+    }
+
+
+def outer_plan(loss_parallel_enabled: bool) -> dict:
+    """The plan of the embedding, final norm and output projection (the modules outside the blocks)."""
+    return {
+        # Tokens are replicated over tp; the output leaves sequence-sharded for the first block's norm.
+        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
+        "norm": SequenceParallel(),
+        # Loss parallel keeps the logits a vocab-sharded DTensor for the loss; otherwise gather them.
+        "output": ColwiseParallel(input_layouts=Shard(1),
+                                  output_layouts=Shard(-1) if loss_parallel_enabled else Replicate(),
+                                  use_local_output=not loss_parallel_enabled),
+    }
+
+
+def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, loss_parallel_enabled: bool,
+                          async_tp: bool = False) -> None:
+    """Shard `model` (on the meta device, before FSDP) over `tp_mesh` in place.
+
+    async_tp turns on inductor's micro-pipelined TP (CUDA + torch.compile only; the Trainer refuses it elsewhere).
+    """
+    tied = model.tok_embeddings is not None and model.output is not None and \
+        model.output.weight is model.tok_embeddings.weight
+    for block in model.layers.values():
+        parallelize_module(block, tp_mesh, block_plan())
+    # A pipeline stage may lack the embedding, the final norm or the output: plan only the modules it has.
+    plan = {name: style for name, style in outer_plan(loss_parallel_enabled).items()
+            if getattr(model, name, None) is not None}
+    parallelize_module(model, tp_mesh, plan)
+    if tied:
+        # parallelize_module registered a separate DTensor for each module; both are Shard(0) of the same
+        # [vocab, dim] matrix on the same mesh, so one of them can serve both again.
+        emb, out = model.tok_embeddings.weight, model.output.weight
+        assert emb.placements == out.placements == (Shard(0),), (emb.placements, out.placements)
+        model.output.weight = emb
+    if async_tp:
+        enable_async_tensor_parallel()
+
+
+def loss_context(enabled: bool) -> contextlib.AbstractContextManager:
+    """Enter around the loss *and* its backward: loss_parallel() when the logits are vocab-sharded DTensors."""
+    return loss_parallel() if enabled else contextlib.nullcontext()
