@@ -11,7 +11,8 @@
   keys (optimizer, data loader, ...) are not read. Tensors saved without the `model.` prefix are found too.
   The architecture comes from --name/--flavor, else from the folder's `complete.json` ({"model": "llama3
   debugmodel", ...}, written by the trainer's checkpointer).
-- a folder of DCP step-N folders (a run's checkpoint folder): the newest one is taken.
+- a run's checkpoint folder, holding step-N DCP folders (and export/step-N): the newest step is taken, complete
+  ones (with complete.json) first.
 - an HF model folder (config.json + model.safetensors or shards + index), as trainer.models.hf writes and
   transformers' save_pretrained writes for a Llama.
 
@@ -25,6 +26,7 @@ import argparse
 import json
 import re
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -39,6 +41,8 @@ from trainer.models.hf import from_hf_state_dict, load_hf_checkpoint  # noqa: E4
 from trainer.models.llama import ModelArgs, Transformer, canonical_param_name, get_model_args  # noqa: E402
 
 MARKER = "complete.json"
+# DCP says on every load without a process group that it assumes one process, which is what we mean.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 STEP_RE = re.compile(r"step-(\d+)")
 
 
@@ -58,19 +62,21 @@ def empty_model(args: ModelArgs) -> Transformer:
 
 
 def find_checkpoint(path: Path) -> tuple[str, Path]:
-    """("hf" | "dcp", folder) for a checkpoint path; a folder of step-N folders resolves to its newest."""
+    """("hf" | "dcp", folder) for a checkpoint path; a run's checkpoint folder resolves to its newest step."""
     if not path.is_dir():
         raise UsageError(f"--checkpoint {path}: no such folder")
     if (path / "config.json").is_file():
         return "hf", path
     if (path / ".metadata").is_file():
         return "dcp", path
-    steps = {int(m.group(1)): child for child in path.iterdir()
-             if (m := STEP_RE.fullmatch(child.name)) and (child / ".metadata").is_file()}
+    # A run's checkpoint folder: its step-N folders, and the final model-only saves in export/step-N.
+    children = [*path.iterdir(), *((path / "export").iterdir() if (path / "export").is_dir() else ())]
+    steps = {int(m.group(1)): child for child in children if (m := STEP_RE.fullmatch(child.name))
+             and ((child / ".metadata").is_file() or (child / "config.json").is_file())}
     complete = {n: child for n, child in steps.items() if (child / MARKER).is_file()}
     if complete or steps:
-        return "dcp", (complete or steps)[max(complete or steps)]
-    raise UsageError(f"--checkpoint {path}: neither a DCP folder (.metadata), a folder of step-N DCP folders, nor an "
+        return find_checkpoint((complete or steps)[max(complete or steps)])
+    raise UsageError(f"--checkpoint {path}: neither a DCP folder (.metadata), a folder of step-N checkpoints, nor an "
                      f"HF model folder (config.json)")
 
 
@@ -204,6 +210,10 @@ def main(argv: list[str] | None = None) -> int:
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
              "bfloat16": torch.bfloat16}[a.dtype]
     prompt = tokenizer.encode(a.prompt, bos=True)
+    if not prompt:
+        print("error: --prompt is empty and the tokenizer has no BOS token to start from; give a prompt",
+              file=sys.stderr)
+        return 2
     model = with_max_seq_len(model, len(prompt) + a.max_new_tokens).to(device).eval()
     # Weights stay fp32 (as the trainer keeps them); bf16 compute goes through autocast, RoPE stays fp32.
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else None
