@@ -191,3 +191,17 @@ def test_script_bad_input_is_one_line(tmp_path, extra, expected):
     assert proc.returncode == 2, proc.stdout + proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], proc.stderr
+
+
+def test_run_folder_resolves_to_newest_complete_step(tmp_path):
+    find = _script().find_checkpoint
+    run = tmp_path / "checkpoint"
+    for folder, files in (("step-2", (".metadata", "complete.json")), ("step-9", (".metadata",)),
+                          ("export/step-5", ("config.json", "complete.json"))):
+        (run / folder).mkdir(parents=True)
+        for name in files:
+            (run / folder / name).write_text("{}")
+    # step-9 has no completeness marker (a save that did not finish): the final HF export at step 5 wins.
+    assert find(run) == ("hf", run / "export/step-5")
+    (run / "step-9" / "complete.json").write_text("{}")
+    assert find(run) == ("dcp", run / "step-9")
