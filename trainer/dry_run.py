@@ -19,6 +19,7 @@ from trainer.parallel import parallelize
 from trainer.parallel_dims import ParallelDims, device_type
 from trainer.torch_private import init_fake_process_group
 from trainer.train import build_model_args, build_tokenizer, check_dataset, check_device, gradient_accumulation_steps
+from trainer.validate import check_validation_data, check_validation_layout
 
 GiB = 2**30
 
@@ -56,11 +57,13 @@ def dry_run(cfg: JobConfig, world_size: int, require_assets: bool = False) -> st
     args = build_model_args(cfg)
     dims = ParallelDims.resolve(cfg.parallelism, world_size)
     dims.validate_model(args, cfg.training.seq_len)
+    check_validation_layout(cfg, dims)
     accum = gradient_accumulation_steps(cfg, dims.dp)
     notes = []
     try:
         check_dataset(cfg)
         build_tokenizer(cfg, args)
+        check_validation_data(cfg)
     except ConfigError as e:
         if require_assets:
             raise

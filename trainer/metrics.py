@@ -103,6 +103,20 @@ class MetricsLogger:
               f"mfu: {100 * flops / self.peak:.2f}%{c[5]}", flush=True)
         return scalars
 
+    def log_validation(self, step: int, loss: float, perplexity: float, tokens: int, batches: int,
+                       elapsed: float) -> dict[str, float]:
+        """Log one validation: `loss` is the token-weighted mean over the `tokens` of all `batches` evaluated."""
+        scalars = {"validation_metrics/loss": loss, "validation_metrics/perplexity": perplexity}
+        if not self.enabled:
+            return scalars
+        if self.writer is not None:
+            for tag, value in scalars.items():
+                self.writer.add_scalar(tag, value, step)
+        c = ("\033[32m", "\033[36m", "\033[33m", "\033[0m") if self.color else ("",) * 4
+        print(f"{c[0]}validate step: {step:>5}  {c[1]}loss: {loss:8.4f}  perplexity: {perplexity:,.2f}  "
+              f"{c[2]}batches: {batches}  tokens: {tokens:,}  time: {elapsed:.2f}s{c[3]}", flush=True)
+        return scalars
+
     def close(self) -> None:
         """Flush and close TensorBoard (must happen before os._exit, which skips atexit)."""
         if self.writer is not None:

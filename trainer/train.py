@@ -28,6 +28,7 @@ from trainer.parallel.context_parallel import cp_context, setup_context_parallel
 from trainer.parallel.init_weights import init_weights
 from trainer.parallel.tensor_parallel import loss_context
 from trainer.parallel_dims import ParallelDims
+from trainer.validate import Validator, check_validation_layout
 
 
 def resolve_param_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -110,6 +111,7 @@ class Trainer:
         self.model_args = build_model_args(cfg)
         self.dims = ParallelDims.resolve(cfg.parallelism, self.dist.world_size)
         self.dims.validate_model(self.model_args, cfg.training.seq_len)
+        check_validation_layout(cfg, self.dims)
         self.accum_steps = gradient_accumulation_steps(cfg, self.dims.dp)
         if self.dist.world_size > 1:
             self.dims.build_mesh(self.device.type)
@@ -149,6 +151,10 @@ class Trainer:
             cfg, self.device, flops_per_token(self.model_args, cfg.training.seq_len),
             peak_flops(self.device, self.param_dtype, cfg.metrics.peak_flops), enabled=self.dist.should_log,
             tokens_divisor=self.dims.tp * self.dims.cp * self.dims.pp, rank=self.dist.rank, run_name=self._run_name())
+        self.validator = (Validator(cfg, self.dims, self.device, self.tokenizer, self.model_args.vocab_size, self.seed,
+                                    self.metrics, self.autocast,
+                                    loss_context=lambda: loss_context(self.dims.loss_parallel_enabled))
+                          if cfg.validation.enable else None)
         self._log(f"model {cfg.model.name} {cfg.model.flavor}: {sum(p.numel() for p in self.model.parameters()):,} "
                   f"parameters | {self.dims} | accumulation {self.accum_steps} | {self.device} {self.param_dtype}")
 
@@ -196,7 +202,7 @@ class Trainer:
         return gathered.mean().item(), gathered.max().item()
 
     def train(self) -> None:
-        """The training loop: data, step, log, garbage collection."""
+        """The training loop: data, step, log, garbage collection, validation."""
         cfg = self.cfg.training
         data_iter = iter(self.dataloader)
         gc.disable()  # collections at random times stall ranks at different moments; collect on a schedule instead
@@ -215,6 +221,10 @@ class Trainer:
                 self.metrics.log(self.step, loss_avg, loss_max, grad_norm.item(), self.lr_scheduler.get_last_lr()[0],
                                  tokens, time.perf_counter() - window_start, data_time, window_steps)
                 window_start, data_time, tokens, window_steps = time.perf_counter(), 0.0, 0, 0
+            if self.validator is not None and self.validator.should_validate(self.step):
+                val_start = time.perf_counter()
+                self.validator.validate([self.model], self.step)
+                window_start += time.perf_counter() - val_start  # validation time is no training throughput
         self._log(f"training done after {self.step} steps")
 
     def close(self) -> None:

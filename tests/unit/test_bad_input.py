@@ -55,6 +55,17 @@ CASES = [  # (name, NGPU, toml text or None, CLI args, substrings the one-line e
                                        "/nope.jsonl"], ["training.dataset_path = '/nope.jsonl' does not exist"]),
     ("missing tokenizer", 1, None, ["--preflight", "--model.hf_assets_path", "/nope"],
      ["model.hf_assets_path = '/nope'", "download_hf_assets.py"]),
+    ("validation freq 0", 1, "[validation]\nenable = true\nfreq = 0\n", [], ["validation.freq = 0", ">= 1"]),
+    ("validation steps 0", 1, None, ["--validation.steps", "0"], ["validation.steps = 0", "-1 or >= 1"]),
+    ("validation seq_len past RoPE table", 1, None, ["--training.seq_len", "128", "--validation.seq_len", "256"],
+     ["validation.seq_len = 256 exceeds training.seq_len = 128", "at most 128"]),
+    ("validation seq_len vs cp", 2, None, ["--validation.enable", "--parallelism.context_parallel_degree", "2",
+                                           "--training.seq_len", "64", "--validation.seq_len", "30"],
+     ["validation.seq_len = 30", "2 x context_parallel_degree = 4"]),
+    ("validation of endless synthetic data", 1, None, ["--validation.enable", "--validation.dataset", "synthetic"],
+     ["validation.steps = -1", "synthetic dataset is endless"]),
+    ("unknown validation dataset", 1, None, ["--preflight", "--validation.enable", "--validation.dataset", "c5"],
+     ["validation.dataset = 'c5'", "c4_validation"]),
 ]
 
 

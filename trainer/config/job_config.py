@@ -131,6 +131,28 @@ class Metrics:
 
 
 @dataclass
+class Validation:
+    enable: bool = False
+    """Every `freq` steps, evaluate the model on a held-out split and log validation_metrics/loss and perplexity."""
+    dataset: str | None = None
+    """Dataset whose validation split is evaluated: c4_test, c4 (or torchtitan's name c4_validation), synthetic, or
+    text/json/jsonl/parquet with dataset_path; unset: training.dataset (and training.dataset_path)."""
+    dataset_path: str | None = None
+    """Local file or folder to read instead of the dataset's default location; in a folder the files named after
+    the split (validation.jsonl, c4-validation.00000-of-00008.json.gz) are read."""
+    freq: int = 10
+    """Validate after every this many training steps."""
+    steps: int = -1
+    """Batches per validation; -1 evaluates the whole split (every complete global batch of local_batch_size x
+    data-parallel degree windows; a shorter tail is left out, as in training)."""
+    local_batch_size: int = -1
+    """Sequences per data-parallel rank per validation batch; -1 uses training.local_batch_size."""
+    seq_len: int = -1
+    """Tokens per validation sequence, at most training.seq_len (the length of the model's RoPE table); -1 uses
+    training.seq_len."""
+
+
+@dataclass
 class Debug:
     seed: int | None = None
     """Seed for weights, data order and dropout-free RNG use; None picks 0 so runs are reproducible by default."""
@@ -149,4 +171,5 @@ class JobConfig:
     optimizer: Optimizer = field(default_factory=Optimizer)
     lr_scheduler: LRScheduler = field(default_factory=LRScheduler)
     metrics: Metrics = field(default_factory=Metrics)
+    validation: Validation = field(default_factory=Validation)
     debug: Debug = field(default_factory=Debug)

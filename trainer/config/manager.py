@@ -183,7 +183,7 @@ def load_config(argv: list[str] | None = None) -> JobConfig:
 def _resolve_asset_paths(cfg: JobConfig) -> None:
     """Relative asset paths mean the working directory first, then the repository (where the shipped configs'
     assets live), so run_train.sh works from any directory. dump_folder stays relative to the working directory."""
-    for section, key in (("model", "hf_assets_path"), ("training", "dataset_path")):
+    for section, key in (("model", "hf_assets_path"), ("training", "dataset_path"), ("validation", "dataset_path")):
         value = getattr(getattr(cfg, section), key)
         if value and not Path(value).is_absolute() and not Path(value).exists() and (REPO_ROOT / value).exists():
             setattr(getattr(cfg, section), key, str(REPO_ROOT / value))
@@ -230,3 +230,14 @@ def validate(cfg: JobConfig) -> None:
     _check(s.decay_ratio is None or 0 <= s.decay_ratio <= 1,
            f"lr_scheduler.decay_ratio = {s.decay_ratio} must be in [0, 1] (or left unset)")
     _check(0 <= s.min_lr_factor <= 1, f"lr_scheduler.min_lr_factor = {s.min_lr_factor} must be in [0, 1]")
+    v = cfg.validation
+    _check(v.freq >= 1, f"validation.freq = {v.freq} must be >= 1 (validate every this many steps)")
+    for key, value in (("validation.steps", v.steps), ("validation.local_batch_size", v.local_batch_size),
+                       ("validation.seq_len", v.seq_len)):
+        _check(value == -1 or value >= 1, f"{key} = {value} must be -1 or >= 1")
+    # The model's RoPE table has training.seq_len rows (context parallel shards it with the sequence): no longer.
+    _check(v.seq_len <= t.seq_len, f"validation.seq_len = {v.seq_len} exceeds training.seq_len = {t.seq_len}, the "
+                                   f"length of the model's RoPE table; set it to at most {t.seq_len} (or -1)")
+    _check(not (v.enable and (v.dataset or t.dataset) == "synthetic" and v.steps == -1),
+           "validation.steps = -1 evaluates the whole split, but the synthetic dataset is endless; set "
+           "validation.steps to a number of batches")

@@ -4,17 +4,22 @@ No parallelism lives here. Tensor, context, sequence and pipeline parallelism ar
 code below only keeps a few promises for them: head counts come from tensor shapes (a TP shard has fewer heads),
 RoPE rows come from a buffer that is passed in (CP shards it along dim 0), layers sit in a ModuleDict with
 string keys (a pipeline stage deletes some and keeps the names), and each parameter's initial value depends
-only on (seed, name) (any layout initialises the same model).
+only on (seed, name) (any layout initialises the same model). Generation passes a KV cache as an optional keyword
+(never positionally: a tensor-parallel plan hooks the blocks' positional inputs); without one, nothing changes.
 """
 
 import dataclasses
 import math
 import zlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from trainer.models.kv_cache import KVCache, LayerKVCache
 
 
 @dataclass(frozen=True)
@@ -230,18 +235,30 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
-    def forward(self, x: Tensor, rope_cache: Tensor) -> Tensor:
+    def forward(self, x: Tensor, rope_cache: Tensor, cache: "LayerKVCache | None" = None) -> Tensor:
         # Shapes and head counts come from the tensors: under TP each rank holds n_heads/tp heads,
         # under CP seqlen and rope_cache are this rank's shard.
         bsz, seqlen, _ = x.shape
         q = apply_rope(self.wq(x).view(bsz, seqlen, -1, self.head_dim), rope_cache[:seqlen])
         k = apply_rope(self.wk(x).view(bsz, seqlen, -1, self.head_dim), rope_cache[:seqlen])
         v = self.wv(x).view(bsz, seqlen, -1, self.head_dim)
+        if cache is not None:
+            start = cache.start
+            k, v = cache.update(k, v)  # now every position so far: the queries are the last seqlen of them
         n_rep = q.shape[2] // k.shape[2]
         if n_rep > 1:
             # Explicit repeat rather than SDPA's enable_gqa, which not every backend/CP path supports.
             k, v = k.repeat_interleave(n_rep, dim=2), v.repeat_interleave(n_rep, dim=2)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        if cache is None:
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                 is_causal=True)
+        else:
+            # Query i is at position start + i and sees keys 0..start + i. SDPA's is_causal would align the
+            # diagonal top-left instead; one query (a decode step) sees every key and needs no mask.
+            mask = None if seqlen == 1 else torch.ones(seqlen, k.shape[1], dtype=torch.bool,
+                                                        device=q.device).tril(start)
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                 attn_mask=mask)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
 
@@ -268,8 +285,11 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x: Tensor, rope_cache: Tensor) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), rope_cache)
+    def forward(self, x: Tensor, rope_cache: Tensor, cache: "LayerKVCache | None" = None) -> Tensor:
+        if cache is None:
+            h = x + self.attention(self.attention_norm(x), rope_cache)
+        else:
+            h = x + self.attention(self.attention_norm(x), rope_cache, cache=cache)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -289,11 +309,23 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cache", torch.empty(args.max_seq_len, 2 * args.head_dim), persistent=False)
         self.init_buffers()
 
-    def forward(self, tokens: Tensor) -> Tensor:
-        """tokens [batch, seq] int64 -> logits [batch, seq, vocab]; a pipeline stage passes hidden states instead."""
+    def forward(self, tokens: Tensor, cache: "KVCache | None" = None) -> Tensor:
+        """tokens [batch, seq] int64 -> logits [batch, seq, vocab]; a pipeline stage passes hidden states instead.
+
+        With a `cache` the tokens continue the cached sequence at position cache.start, and are cached in turn.
+        """
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
-        for layer in self.layers.values():
-            h = layer(h, self.rope_cache)
+        if cache is None:
+            for layer in self.layers.values():
+                h = layer(h, self.rope_cache)
+        else:
+            start, end = cache.start, cache.start + tokens.shape[1]
+            if end > self.rope_cache.shape[0]:
+                raise ValueError(f"positions up to {end - 1} need a RoPE table of {end} rows, but the model has "
+                                 f"max_seq_len = {self.rope_cache.shape[0]}; build it with a larger max_seq_len")
+            for name, layer in self.layers.items():
+                h = layer(h, self.rope_cache[start:end], cache=cache.layer(name))
+            cache.advance(tokens.shape[1])
         h = self.norm(h) if self.norm is not None else h
         return self.output(h) if self.output is not None else h
 

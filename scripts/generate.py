@@ -1,0 +1,235 @@
+"""Generate text from a trained checkpoint, in one process, on CPU or CUDA.
+
+    python scripts/generate.py --checkpoint outputs/checkpoint/step-10 --prompt "The meaning of" \
+        [--tokenizer tests/assets/tokenizer] [--max-new-tokens 64] [--temperature 0 | 0.8 --top-k 50 --top-p 0.9]
+        [--seed 0] [--no-cache] [--json]
+
+--checkpoint is one of:
+- a DCP folder (`.metadata` + `*.distcp`), as torch.distributed.checkpoint writes it from a run of any layout
+  (FSDP, TP, PP: DCP reshards on load, here into one process without a process group). The weights are the tensors
+  under `model.` with the names of `Transformer.state_dict()` (`model.layers.0.attention.wq.weight`, ...); other
+  keys (optimizer, data loader, ...) are not read. Tensors saved without the `model.` prefix are found too.
+  The architecture comes from --name/--flavor, else from the folder's `complete.json` ({"model": "llama3
+  debugmodel", ...}, written by the trainer's checkpointer).
+- a run's checkpoint folder, holding step-N DCP folders (and export/step-N): the newest step is taken, complete
+  ones (with complete.json) first.
+- an HF model folder (config.json + model.safetensors or shards + index), as trainer.models.hf writes and
+  transformers' save_pretrained writes for a Llama.
+
+The tokenizer is --tokenizer, else the checkpoint folder's tokenizer.json, else model.hf_assets_path's default.
+The prompt is encoded with BOS; generation stops at EOS (unless --ignore-eos) or after --max-new-tokens. Output:
+the prompt and its continuation as text, or with --json an object with the ids too. Mistakes are one line on stderr
+and exit code 2. Tensor-parallel generation is not offered: one process holds the whole model.
+"""
+
+import argparse
+import json
+import re
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from trainer.config.job_config import Model  # noqa: E402
+from trainer.data.tokenizer import Tokenizer  # noqa: E402
+from trainer.generation import generate  # noqa: E402
+from trainer.models.hf import from_hf_state_dict, load_hf_checkpoint  # noqa: E402
+from trainer.models.llama import ModelArgs, Transformer, canonical_param_name, get_model_args  # noqa: E402
+
+MARKER = "complete.json"
+# DCP says on every load without a process group that it assumes one process, which is what we mean.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+STEP_RE = re.compile(r"step-(\d+)")
+
+
+class UsageError(ValueError):
+    """A mistake in the arguments or files: printed as one line."""
+
+
+def empty_model(args: ModelArgs) -> Transformer:
+    """A model with uninitialised CPU parameters (weights come from the checkpoint) and its RoPE table computed."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.to_empty(device="cpu")
+    if args.tie_word_embeddings:  # to_empty gives each module its own new Parameter: tie them again
+        model.output.weight = model.tok_embeddings.weight
+    model.init_buffers()
+    return model
+
+
+def find_checkpoint(path: Path) -> tuple[str, Path]:
+    """("hf" | "dcp", folder) for a checkpoint path; a run's checkpoint folder resolves to its newest step."""
+    if not path.is_dir():
+        raise UsageError(f"--checkpoint {path}: no such folder")
+    if (path / "config.json").is_file():
+        return "hf", path
+    if (path / ".metadata").is_file():
+        return "dcp", path
+    # A run's checkpoint folder: its step-N folders, and the final model-only saves in export/step-N.
+    children = [*path.iterdir(), *((path / "export").iterdir() if (path / "export").is_dir() else ())]
+    steps = {int(m.group(1)): child for child in children if (m := STEP_RE.fullmatch(child.name))
+             and ((child / ".metadata").is_file() or (child / "config.json").is_file())}
+    complete = {n: child for n, child in steps.items() if (child / MARKER).is_file()}
+    if complete or steps:
+        return find_checkpoint((complete or steps)[max(complete or steps)])
+    raise UsageError(f"--checkpoint {path}: neither a DCP folder (.metadata), a folder of step-N checkpoints, nor an "
+                     f"HF model folder (config.json)")
+
+
+def dcp_model_args(path: Path, name: str | None, flavor: str | None) -> ModelArgs:
+    """Architecture of a DCP checkpoint: --name/--flavor, else the checkpointer's complete.json."""
+    if name is None or flavor is None:
+        for folder in (path, path.parent):
+            try:
+                saved_name, saved_flavor = json.loads((folder / MARKER).read_text())["model"].split()
+                break
+            except (OSError, ValueError, KeyError):
+                continue
+        else:
+            raise UsageError(f"{path} does not say which model it holds (no {MARKER}); pass --name and --flavor, "
+                             f"e.g. --name llama3 --flavor debugmodel")
+        name, flavor = name or saved_name, flavor or saved_flavor
+    try:
+        return get_model_args(name, flavor)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def load_dcp_model(path: Path, args: ModelArgs) -> Transformer:
+    """Read the model tensors of a DCP folder into one full model in this process (DCP reshards any layout)."""
+    import torch.distributed.checkpoint as dcp
+
+    model = empty_model(args)
+    ours = model.state_dict()
+    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    prefixed = any(key.startswith("model.") for key in saved)
+    # saved name -> our tensor; a name with wrapper prefixes (activation checkpointing, compile) maps to ours.
+    request = {}
+    for key in saved:
+        if prefixed and not key.startswith("model."):
+            continue
+        name = canonical_param_name(key.removeprefix("model.") if prefixed else key)
+        if name in ours:
+            request[key] = ours[name]
+    found = {canonical_param_name(k.removeprefix("model.") if prefixed else k) for k in request}
+    missing = sorted(set(ours) - found - ({"output.weight"} if args.tie_word_embeddings else set()))
+    if missing:
+        raise UsageError(f"{path} lacks {len(missing)} tensor(s) of {args.n_layers}-layer model, first {missing[0]!r}; "
+                         f"check --name/--flavor")
+    for key, tensor in request.items():
+        if tuple(saved[key].size) != tuple(tensor.shape):
+            raise UsageError(f"{path}: {key} has shape {tuple(saved[key].size)} but the model expects "
+                             f"{tuple(tensor.shape)}; check --name/--flavor")
+    dcp.load(request, checkpoint_id=str(path), no_dist=True)  # copies into our tensors, casting the dtype
+    return model
+
+
+def load_hf_model(path: Path) -> Transformer:
+    """Read an HF Llama folder (config.json + safetensors) into our model."""
+    try:
+        args, hf_sd = load_hf_checkpoint(path)
+        sd = from_hf_state_dict(hf_sd, args)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    model = empty_model(args)
+    model.load_state_dict({k: v.float() for k, v in sd.items()})
+    return model
+
+
+def with_max_seq_len(model: Transformer, max_seq_len: int) -> Transformer:
+    """RoPE tables are derived from the args, not saved: recompute them for the length generation needs."""
+    if model.rope_cache.shape[0] < max_seq_len:
+        model.args.max_seq_len = max_seq_len
+        model.rope_cache = torch.empty(max_seq_len, model.rope_cache.shape[1])
+        model.init_buffers()
+    return model
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, help="DCP step folder, folder of step folders, or HF model folder")
+    p.add_argument("--prompt", default="", help="text to continue (BOS is added)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json or its folder")
+    p.add_argument("--name", default=None, help="model family for a DCP checkpoint (llama3, llama2, smollm)")
+    p.add_argument("--flavor", default=None, help="model size for a DCP checkpoint (debugmodel, 8B, ...)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step (slow; a check)")
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at EOS")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="compute dtype: auto is bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--json", action="store_true", help="print a JSON object with ids and text")
+    return p.parse_args(argv)
+
+
+def check_args(a: argparse.Namespace) -> None:
+    if a.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens {a.max_new_tokens} must be >= 1")
+    if a.temperature < 0:
+        raise UsageError(f"--temperature {a.temperature} must be >= 0 (0 is greedy)")
+    if a.top_k is not None and a.top_k < 1:
+        raise UsageError(f"--top-k {a.top_k} must be >= 1")
+    if a.top_p is not None and not 0 < a.top_p <= 1:
+        raise UsageError(f"--top-p {a.top_p} must be in (0, 1]")
+
+
+def resolve_tokenizer(a: argparse.Namespace, folder: Path) -> Tokenizer:
+    candidates = [Path(a.tokenizer)] if a.tokenizer else [folder, Path(Model().hf_assets_path)]
+    for path in candidates:
+        for p in (path, ROOT / path) if not path.is_absolute() else (path,):
+            if (p / "tokenizer.json").is_file() or (p.is_file() and p.suffix == ".json"):
+                return Tokenizer.from_path(p)
+    raise UsageError(f"no tokenizer.json at {', '.join(map(str, candidates))}; pass --tokenizer")
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        check_args(a)
+        kind, folder = find_checkpoint(Path(a.checkpoint))
+        model = load_hf_model(folder) if kind == "hf" else \
+            load_dcp_model(folder, dcp_model_args(folder, a.name, a.flavor))
+        tokenizer = resolve_tokenizer(a, folder)
+        if tokenizer.vocab_size > model.args.vocab_size:
+            raise UsageError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model embeds only "
+                             f"{model.args.vocab_size}; pass the model's own tokenizer")
+        device = torch.device(a.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError("--device cuda, but no GPU is visible; use --device cpu")
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
+             "bfloat16": torch.bfloat16}[a.dtype]
+    prompt = tokenizer.encode(a.prompt, bos=True)
+    if not prompt:
+        print("error: --prompt is empty and the tokenizer has no BOS token to start from; give a prompt",
+              file=sys.stderr)
+        return 2
+    model = with_max_seq_len(model, len(prompt) + a.max_new_tokens).to(device).eval()
+    # Weights stay fp32 (as the trainer keeps them); bf16 compute goes through autocast, RoPE stays fp32.
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else None
+    out = generate(model, prompt, a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                   seed=a.seed, use_cache=not a.no_cache, stop_ids=() if a.ignore_eos else (tokenizer.eos_id,),
+                   autocast=autocast)
+    shown_prompt = prompt[1:] if prompt and prompt[0] == tokenizer.bos_id else prompt
+    completion = tokenizer.decode(out.tokens)
+    if a.json:
+        print(json.dumps({"checkpoint": str(folder), "format": kind, "prompt": a.prompt, "prompt_ids": prompt,
+                          "ids": out.tokens, "completion": completion,
+                          "text": tokenizer.decode(shown_prompt + out.tokens)}))
+    else:
+        print(tokenizer.decode(shown_prompt + out.tokens))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
