@@ -32,10 +32,18 @@ def base_overrides(flavor: str = "debugmodel", name: str = "llama3") -> list[str
             "--optimizer.eps", "1e-6"]
 
 
+_REFERENCES: dict[tuple[str, str], dict] = {}
+
+
 def reference_run(out_dir: Path, flavor: str = "debugmodel", name: str = "llama3") -> dict:
-    """The 1-process run every layout is compared with (local batch = global batch, no accumulation)."""
-    return run_steps(1, out_dir / "ref.pt", base_overrides(flavor, name) + ["--training.local_batch_size",
-                                                                          str(GLOBAL_BATCH)])
+    """The 1-process run every layout is compared with (local batch = global batch, no accumulation).
+
+    Run once per model per test session: every parallelism's matrix compares with the same run. Read-only.
+    """
+    if (flavor, name) not in _REFERENCES:
+        _REFERENCES[flavor, name] = run_steps(1, out_dir / "ref.pt", base_overrides(flavor, name) + [
+            "--training.local_batch_size", str(GLOBAL_BATCH)])
+    return _REFERENCES[flavor, name]
 
 
 def assert_reference_moves(ref: dict, flavor: str = "debugmodel", name: str = "llama3") -> None:
