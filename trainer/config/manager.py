@@ -236,7 +236,7 @@ def validate(cfg: JobConfig) -> None:
                        ("validation.seq_len", v.seq_len)):
         _check(value == -1 or value >= 1, f"{key} = {value} must be -1 or >= 1")
     # The model's RoPE table has training.seq_len rows (context parallel shards it with the sequence): no longer.
-    _check(v.seq_len <= t.seq_len, f"validation.seq_len = {v.seq_len} exceeds training.seq_len = {t.seq_len}, the "
+    _check(not v.enable or v.seq_len <= t.seq_len, f"validation.seq_len = {v.seq_len} exceeds training.seq_len = {t.seq_len}, the "
                                    f"length of the model's RoPE table; set it to at most {t.seq_len} (or -1)")
     _check(not (v.enable and (v.dataset or t.dataset) == "synthetic" and v.steps == -1),
            "validation.steps = -1 evaluates the whole split, but the synthetic dataset is endless; set "
