@@ -1,14 +1,16 @@
-"""Generate text from a trained checkpoint, in one process, on CPU or CUDA.
+"""Generate text from a trained checkpoint, on CPU or CUDA, in one process or tensor-parallel under torchrun.
 
     python scripts/generate.py --checkpoint outputs/checkpoint/step-10 --prompt "The meaning of" \
         [--tokenizer tests/assets/tokenizer] [--max-new-tokens 64] [--temperature 0 | 0.8 --top-k 50 --top-p 0.9]
         [--seed 0] [--no-cache] [--json]
+    torchrun --standalone --nproc-per-node 2 scripts/generate.py --tp 2 --checkpoint ... (the same arguments)
 
 --checkpoint is one of:
 - a DCP folder (`.metadata` + `*.distcp`), as torch.distributed.checkpoint writes it from a run of any layout
   (FSDP, TP, PP: DCP reshards on load, here into one process without a process group). The weights are the tensors
   under `model.` with the names of `Transformer.state_dict()` (`model.layers.0.attention.wq.weight`, ...); other
   keys (optimizer, data loader, ...) are not read. Tensors saved without the `model.` prefix are found too.
+  The smallest such folder is `dcp.save({"model": model.state_dict()}, checkpoint_id=folder)`.
   The architecture comes from --name/--flavor, else from the folder's `complete.json` ({"model": "llama3
   debugmodel", ...}, written by the trainer's checkpointer).
 - a run's checkpoint folder, holding step-N DCP folders (and export/step-N): the newest step is taken, complete
@@ -19,26 +21,45 @@
 The tokenizer is --tokenizer, else the checkpoint folder's tokenizer.json, else model.hf_assets_path's default.
 The prompt is encoded with BOS; generation stops at EOS (unless --ignore-eos) or after --max-new-tokens. Output:
 the prompt and its continuation as text, or with --json an object with the ids too. Mistakes are one line on stderr
-and exit code 2. Tensor-parallel generation is not offered: one process holds the whole model.
+and exit code 2.
+
+Under torchrun (WORLD_SIZE > 1) the model is tensor-parallel over all the processes (--tp, which defaults to and
+must equal their number; it must divide n_heads, n_kv_heads and the FFN hidden dim). It is built on the meta device,
+sharded with the inference plan of trainer/parallel/tensor_parallel.py (Megatron column/row pairs without sequence
+parallel, which a one-token decode step could not split; the full logits all-gathered on every rank), materialized
+on each rank's device (its GPU with NCCL, or the CPU with gloo) and then loaded: DCP reads each rank's shards of
+the saved tensors (any saved layout), and from an HF folder every rank reads each full tensor and keeps its slice.
+Each rank holds 1/tp of the weights and of the KV cache (its own heads). Every rank samples from the same logits
+with the same seed, and rank 0's token is broadcast each step so that no rank can drift or stop alone. Only rank 0
+prints.
 """
 
 import argparse
 import json
+import os
 import re
 import sys
+import traceback
 import warnings
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from trainer.config import ConfigError  # noqa: E402
 from trainer.config.job_config import Model  # noqa: E402
 from trainer.data.tokenizer import Tokenizer  # noqa: E402
+from trainer.distributed import DistInfo, init_distributed, shutdown  # noqa: E402
 from trainer.generation import generate  # noqa: E402
 from trainer.models.hf import from_hf_state_dict, load_hf_checkpoint  # noqa: E402
 from trainer.models.llama import ModelArgs, Transformer, canonical_param_name, get_model_args  # noqa: E402
+from trainer.parallel.init_weights import copy_full_, materialize  # noqa: E402
+from trainer.parallel.tensor_parallel import apply_tensor_parallel  # noqa: E402
+from trainer.parallel_dims import tp_shape_problem  # noqa: E402
 
 MARKER = "complete.json"
 # DCP says on every load without a process group that it assumes one process, which is what we mean.
@@ -50,14 +71,16 @@ class UsageError(ValueError):
     """A mistake in the arguments or files: printed as one line."""
 
 
-def empty_model(args: ModelArgs) -> Transformer:
-    """A model with uninitialised CPU parameters (weights come from the checkpoint) and its RoPE table computed."""
+def empty_model(args: ModelArgs, device: torch.device | str = "cpu", tp_mesh: DeviceMesh | None = None) -> Transformer:
+    """A model with uninitialised parameters on `device` (weights come from the checkpoint) and its RoPE table
+    computed; with `tp_mesh`, sharded over it with the inference tensor-parallel plan."""
     with torch.device("meta"):
         model = Transformer(args)
-    model.to_empty(device="cpu")
-    if args.tie_word_embeddings:  # to_empty gives each module its own new Parameter: tie them again
-        model.output.weight = model.tok_embeddings.weight
-    model.init_buffers()
+    if tp_mesh is not None:
+        if problem := tp_shape_problem(args, tp_mesh.size()):
+            raise UsageError(f"--tp {tp_mesh.size()} {problem}")
+        apply_tensor_parallel(model, tp_mesh, loss_parallel_enabled=False, sequence_parallel=False)
+    materialize(model, device)
     return model
 
 
@@ -99,11 +122,13 @@ def dcp_model_args(path: Path, name: str | None, flavor: str | None) -> ModelArg
         raise UsageError(str(e)) from None
 
 
-def load_dcp_model(path: Path, args: ModelArgs) -> Transformer:
-    """Read the model tensors of a DCP folder into one full model in this process (DCP reshards any layout)."""
+def load_dcp_model(path: Path, args: ModelArgs, device: torch.device | str = "cpu",
+                   tp_mesh: DeviceMesh | None = None) -> Transformer:
+    """Read the model tensors of a DCP folder into one full model in this process, or with `tp_mesh` into this
+    rank's shards of the tensor-parallel model (DCP reshards any saved layout into either)."""
     import torch.distributed.checkpoint as dcp
 
-    model = empty_model(args)
+    model = empty_model(args, device, tp_mesh)
     ours = model.state_dict()
     saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     prefixed = any(key.startswith("model.") for key in saved)
@@ -124,19 +149,22 @@ def load_dcp_model(path: Path, args: ModelArgs) -> Transformer:
         if tuple(saved[key].size) != tuple(tensor.shape):
             raise UsageError(f"{path}: {key} has shape {tuple(saved[key].size)} but the model expects "
                              f"{tuple(tensor.shape)}; check --name/--flavor")
-    dcp.load(request, checkpoint_id=str(path), no_dist=True)  # copies into our tensors, casting the dtype
+    # Copies into our tensors (this rank's shards of the DTensors), casting the dtype.
+    dcp.load(request, checkpoint_id=str(path), no_dist=tp_mesh is None)
     return model
 
 
-def load_hf_model(path: Path) -> Transformer:
-    """Read an HF Llama folder (config.json + safetensors) into our model."""
+def load_hf_model(path: Path, device: torch.device | str = "cpu", tp_mesh: DeviceMesh | None = None) -> Transformer:
+    """Read an HF Llama folder (config.json + safetensors) into our model; with `tp_mesh`, every rank reads each full
+    tensor and keeps its shard."""
     try:
         args, hf_sd = load_hf_checkpoint(path)
         sd = from_hf_state_dict(hf_sd, args)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    model = empty_model(args)
-    model.load_state_dict({k: v.float() for k, v in sd.items()})
+    model = empty_model(args, device, tp_mesh)
+    for name, tensor in model.state_dict().items():  # from_hf_state_dict returns exactly these keys
+        copy_full_(tensor, sd[name])
     return model
 
 
@@ -144,7 +172,7 @@ def with_max_seq_len(model: Transformer, max_seq_len: int) -> Transformer:
     """RoPE tables are derived from the args, not saved: recompute them for the length generation needs."""
     if model.rope_cache.shape[0] < max_seq_len:
         model.args.max_seq_len = max_seq_len
-        model.rope_cache = torch.empty(max_seq_len, model.rope_cache.shape[1])
+        model.rope_cache = torch.empty(max_seq_len, model.rope_cache.shape[1], device=model.rope_cache.device)
         model.init_buffers()
     return model
 
@@ -164,6 +192,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step (slow; a check)")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at EOS")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--tp", type=int, default=None,
+                   help="tensor-parallel degree under torchrun: the number of processes (the default)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="compute dtype: auto is bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--json", action="store_true", help="print a JSON object with ids and text")
@@ -190,46 +220,88 @@ def resolve_tokenizer(a: argparse.Namespace, folder: Path) -> Tokenizer:
     raise UsageError(f"no tokenizer.json at {', '.join(map(str, candidates))}; pass --tokenizer")
 
 
-def main(argv: list[str] | None = None) -> int:
-    a = parse_args(sys.argv[1:] if argv is None else argv)
+def resolve_device(a: argparse.Namespace, info: DistInfo) -> torch.device:
+    """--device, with this rank's GPU for a bare "cuda"; refuses a device the process group cannot serve."""
+    device = torch.device(a.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda, but no GPU is visible; use --device cpu")
+    if device.type == "cuda" and device.index is None:
+        device = info.device  # cuda:LOCAL_RANK, which init_distributed made current
+    if dist.is_initialized() and device.type == "cpu" and dist.get_backend() == "nccl":
+        raise UsageError("--device cpu under torchrun with a GPU visible: set COMM_BACKEND=gloo")
+    return device
+
+
+def tp_mesh_for(a: argparse.Namespace, info: DistInfo, device: torch.device) -> DeviceMesh | None:
+    """The 1-D `tp` mesh over every process, or None in one process."""
+    tp = info.world_size if a.tp is None else a.tp
+    if tp != info.world_size:
+        fix = f"launch torchrun --nproc-per-node {tp}" if tp > 1 else "run without torchrun"
+        raise UsageError(f"--tp {tp} with {info.world_size} process(es): generation shards the model over every "
+                         f"process (no data parallel); {fix}, or pass --tp {info.world_size}")
+    return init_device_mesh(device.type, (tp,), mesh_dim_names=("tp",)) if tp > 1 else None
+
+
+def run(a: argparse.Namespace, info: DistInfo) -> int:
+    """Load, generate, print (rank 0); the exit code."""
     try:
         check_args(a)
+        device = resolve_device(a, info)
+        tp_mesh = tp_mesh_for(a, info, device)
         kind, folder = find_checkpoint(Path(a.checkpoint))
-        model = load_hf_model(folder) if kind == "hf" else \
-            load_dcp_model(folder, dcp_model_args(folder, a.name, a.flavor))
+        model = load_hf_model(folder, device, tp_mesh) if kind == "hf" else \
+            load_dcp_model(folder, dcp_model_args(folder, a.name, a.flavor), device, tp_mesh)
         tokenizer = resolve_tokenizer(a, folder)
         if tokenizer.vocab_size > model.args.vocab_size:
             raise UsageError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model embeds only "
                              f"{model.args.vocab_size}; pass the model's own tokenizer")
-        device = torch.device(a.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise UsageError("--device cuda, but no GPU is visible; use --device cpu")
+        prompt = tokenizer.encode(a.prompt, bos=True)
+        if not prompt:
+            raise UsageError("--prompt is empty and the tokenizer has no BOS token to start from; give a prompt")
     except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
+        # Every rank reads the same arguments and files and reaches the same verdict; rank 0 says it.
+        if info.rank == 0:
+            print(f"error: {e}", file=sys.stderr)
         return 2
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
              "bfloat16": torch.bfloat16}[a.dtype]
-    prompt = tokenizer.encode(a.prompt, bos=True)
-    if not prompt:
-        print("error: --prompt is empty and the tokenizer has no BOS token to start from; give a prompt",
-              file=sys.stderr)
-        return 2
-    model = with_max_seq_len(model, len(prompt) + a.max_new_tokens).to(device).eval()
+    model = with_max_seq_len(model, len(prompt) + a.max_new_tokens).eval()
     # Weights stay fp32 (as the trainer keeps them); bf16 compute goes through autocast, RoPE stays fp32.
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else None
+    # Under TP the logits are all-gathered, so the ranks' draws agree already; the broadcast makes sure of it.
+    sync_token = (lambda token: dist.broadcast(token, group=tp_mesh.get_group(), group_src=0)) if tp_mesh else None
     out = generate(model, prompt, a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
                    seed=a.seed, use_cache=not a.no_cache, stop_ids=() if a.ignore_eos else (tokenizer.eos_id,),
-                   autocast=autocast)
+                   autocast=autocast, sync_token=sync_token)
+    if info.rank != 0:
+        return 0
     shown_prompt = prompt[1:] if prompt and prompt[0] == tokenizer.bos_id else prompt
     completion = tokenizer.decode(out.tokens)
     if a.json:
-        print(json.dumps({"checkpoint": str(folder), "format": kind, "prompt": a.prompt, "prompt_ids": prompt,
-                          "ids": out.tokens, "completion": completion,
+        print(json.dumps({"checkpoint": str(folder), "format": kind, "tp": tp_mesh.size() if tp_mesh else 1,
+                          "prompt": a.prompt, "prompt_ids": prompt, "ids": out.tokens, "completion": completion,
                           "text": tokenizer.decode(shown_prompt + out.tokens)}))
     else:
         print(tokenizer.decode(shown_prompt + out.tokens))
     return 0
 
 
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: one-line errors for mistakes, tracebacks for bugs, an exit that is safe under gloo."""
+    a = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        code = run(a, init_distributed())
+    except ConfigError as e:  # COMM_BACKEND and LOG_RANK, read by init_distributed
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr)
+        code = 2
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    # A mistake is the same on every rank (same arguments, same files): meet at the barrier, so that no rank exits,
+    # and has torchrun stop the others, before rank 0 has said what is wrong.
+    shutdown(code, clean=code in (0, 2))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

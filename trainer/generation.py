@@ -1,9 +1,11 @@
-"""Text generation with one process: sample the next token (greedy, temperature, top-k, top-p), and the loop that
-feeds a prompt to the model once and then one token per step through a KV cache (or, for checking, the whole
-sequence every step without one). Used by scripts/generate.py.
+"""Text generation: sample the next token (greedy, temperature, top-k, top-p), and the loop that feeds a prompt to
+the model once and then one token per step through a KV cache (or, for checking, the whole sequence every step
+without one). Used by scripts/generate.py, in one process or on every rank of a tensor-parallel model (whose
+logits are replicated, so every rank runs this same loop in lockstep).
 """
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -47,13 +49,14 @@ class Generation:
 def generate(model: nn.Module, prompt: list[int], max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int = 0, use_cache: bool = True,
              stop_ids: tuple[int, ...] = (), autocast: contextlib.AbstractContextManager | None = None,
-             keep_logits: bool = False) -> Generation:
+             keep_logits: bool = False, sync_token: Callable[[Tensor], None] | None = None) -> Generation:
     """Continue `prompt` (token ids) with up to `max_new_tokens` tokens from `model` (a Transformer in eval mode whose
     RoPE table covers len(prompt) + max_new_tokens positions); stop after a token in `stop_ids`.
 
     With `use_cache` the prompt runs once and then each new token alone; without, the whole sequence runs every step
     (the reference the cache is tested against). Sampling draws from a generator seeded with `seed`, never from the
-    global one.
+    global one. `sync_token`, under tensor parallel, overwrites each chosen token [1] in place with one rank's (a
+    broadcast), so that all ranks feed the same token and stop at the same step even if their draws differed.
     """
     if not prompt:
         raise ValueError("generate needs a prompt of at least one token (e.g. just BOS)")
@@ -74,6 +77,8 @@ def generate(model: nn.Module, prompt: list[int], max_new_tokens: int, temperatu
             logits = model(pending, cache=cache) if use_cache else model(sequence)
         last = logits[:, -1].float()
         token = sample_next(last, temperature, top_k, top_p, generator)
+        if sync_token is not None:
+            sync_token(token)
         out.tokens.append(int(token.item()))
         if keep_logits:
             out.logits.append(last[0].cpu())

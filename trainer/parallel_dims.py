@@ -17,6 +17,21 @@ from trainer.torch_private import flatten_mesh, unflatten_mesh
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 
 
+def tp_shape_problem(model_args, tp: int) -> str | None:
+    """Why `tp` cannot shard this model ("does not divide the model's n_kv_heads = 2; use ..."), or None.
+
+    Column/row-wise layers split whole heads and FFN channels; kv heads are not replicated across tp.
+    """
+    shape = {"n_heads": model_args.n_heads, "n_kv_heads": model_args.n_kv_heads or model_args.n_heads,
+             "FFN hidden dim": model_args.ffn_hidden_dim}
+    for what, n in shape.items():
+        if n % tp:
+            valid = [d for d in range(1, min(shape.values()) + 1) if all(v % d == 0 for v in shape.values())]
+            return (f"does not divide the model's {what} = {n}; use a degree that divides n_heads, n_kv_heads and "
+                    f"the FFN hidden dim: {', '.join(map(str, valid))}")
+    return None
+
+
 @dataclass
 class ParallelDims:
     dp_replicate: int
@@ -55,16 +70,8 @@ class ParallelDims:
 
     def validate_model(self, model_args, seq_len: int) -> None:
         """Layout checks that depend on the model's shape."""
-        if self.tp > 1:
-            # Column/row-wise layers split whole heads and FFN channels; kv heads are not replicated across tp.
-            shape = {"n_heads": model_args.n_heads, "n_kv_heads": model_args.n_kv_heads or model_args.n_heads,
-                     "FFN hidden dim": model_args.ffn_hidden_dim}
-            for what, n in shape.items():
-                if n % self.tp:
-                    valid = [d for d in range(1, min(shape.values()) + 1) if all(v % d == 0 for v in shape.values())]
-                    raise ConfigError(f"parallelism.tensor_parallel_degree = {self.tp} does not divide the model's "
-                                      f"{what} = {n}; use a degree that divides n_heads, n_kv_heads and the FFN "
-                                      f"hidden dim: {', '.join(map(str, valid))}")
+        if problem := tp_shape_problem(model_args, self.tp):
+            raise ConfigError(f"parallelism.tensor_parallel_degree = {self.tp} {problem}")
         if self.cp > 1 and seq_len % (2 * self.cp):
             raise ConfigError(f"training.seq_len = {seq_len} is not divisible by 2 x context_parallel_degree = "
                               f"{2 * self.cp} (causal load balancing cuts each sequence into 2 x cp chunks)")

@@ -15,7 +15,7 @@ import torch
 
 from trainer.data.tokenizer import Tokenizer
 from trainer.generation import generate, sample_next
-from trainer.models.hf import from_hf_state_dict, load_hf_checkpoint, save_hf_checkpoint
+from trainer.models.hf import from_hf_state_dict, hf_config_from_args, load_hf_checkpoint, save_hf_checkpoint
 from trainer.models.kv_cache import KVCache
 from trainer.models.llama import ModelArgs, Transformer, get_model_args
 
@@ -107,13 +107,11 @@ def test_sample_next_rules():
     assert len({sample_next(logits, 3.0, generator=g).item() for _ in range(400)}) == 5
 
 
-def _tiny_hf_llama(path: Path, vocab_size: int):
+def save_hf_llama(path: Path, args: ModelArgs):
+    """A random transformers LlamaForCausalLM of shape `args`, sharpened and saved to `path` with save_pretrained."""
     transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
-        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=160,
-        vocab_size=vocab_size, max_position_embeddings=128, rms_norm_eps=1e-5, rope_theta=10000.0,
-        tie_word_embeddings=False)
     torch.manual_seed(0)
+    config = transformers.LlamaConfig.from_dict(hf_config_from_args(args, dtype=torch.float32))
     model = transformers.LlamaForCausalLM(config).eval()
     with torch.no_grad():  # a random model at init scale is nearly uniform: sharpen it so greedy choices are clear
         for name, p in model.named_parameters():
@@ -125,7 +123,8 @@ def _tiny_hf_llama(path: Path, vocab_size: int):
 
 def test_script_matches_transformers_greedy_generate(tmp_path):
     tokenizer = Tokenizer.from_path(TOKENIZER)
-    hf = _tiny_hf_llama(tmp_path / "hf", tokenizer.vocab_size)
+    hf = save_hf_llama(tmp_path / "hf", ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=160,
+                                                 vocab_size=tokenizer.vocab_size, max_seq_len=128))
     # Through our HF path both ways: import the transformers folder, export it again, generate from the export.
     args, hf_sd = load_hf_checkpoint(tmp_path / "hf")
     save_hf_checkpoint(tmp_path / "export", args, from_hf_state_dict(hf_sd, args))

@@ -18,6 +18,11 @@ and the loss is the ordinary one.
 
 Every parameter ends up a DTensor on the tp mesh (norms Replicate, the rest Shard), which foreach AdamW and
 gradient clipping need: they refuse a mix of DTensors and plain tensors.
+
+Inference (scripts/generate.py) uses the same plan without sequence parallel (sequence_parallel=False): a decode
+step feeds one token, which cannot be split over the sequence. The residual stream is then a plain tensor,
+replicated on every rank: the embedding and wo/w2 all-reduce their partial sums into it, the norms are left plain
+tensors, and the output all-gathers the full logits on every rank, so each rank can sample the next token itself.
 """
 
 import contextlib
@@ -37,49 +42,60 @@ from torch.distributed.tensor.parallel import (
 from trainer.torch_private import enable_async_tensor_parallel
 
 
-def block_plan() -> dict:
-    """The plan of one TransformerBlock: Megatron column/row pairs with sequence-parallel norms between them."""
-    return {
-        "attention_norm": SequenceParallel(),
-        # Attention takes (x, rope_cache): gather x's sequence, leave the (plain, full) RoPE table alone.
-        "attention": PrepareModuleInput(input_layouts=(Shard(1), None), desired_input_layouts=(Replicate(), None)),
+def block_plan(sequence_parallel: bool = True) -> dict:
+    """The plan of one TransformerBlock: Megatron column/row pairs, with sequence-parallel norms between them
+    (or, without sequence parallel, row-wise outputs all-reduced into the replicated stream)."""
+    stream = Shard(1) if sequence_parallel else Replicate()  # layout of the residual stream between the regions
+    plan = {
         "attention.wq": ColwiseParallel(),
         "attention.wk": ColwiseParallel(),
         "attention.wv": ColwiseParallel(),
-        "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
-        "ffn_norm": SequenceParallel(),
-        "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+        "attention.wo": RowwiseParallel(output_layouts=stream),
         "feed_forward.w1": ColwiseParallel(),
-        "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
+        "feed_forward.w2": RowwiseParallel(output_layouts=stream),
         "feed_forward.w3": ColwiseParallel(),
     }
+    if sequence_parallel:
+        plan |= {
+            "attention_norm": SequenceParallel(),
+            # Attention takes (x, rope_cache): gather x's sequence, leave the (plain, full) RoPE table alone.
+            "attention": PrepareModuleInput(input_layouts=(Shard(1), None), desired_input_layouts=(Replicate(), None)),
+            "ffn_norm": SequenceParallel(),
+            "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+        }
+    return plan
 
 
-def outer_plan(loss_parallel_enabled: bool) -> dict:
+def outer_plan(loss_parallel_enabled: bool, sequence_parallel: bool = True) -> dict:
     """The plan of the embedding, final norm and output projection (the modules outside the blocks)."""
-    return {
-        # Tokens are replicated over tp; the output leaves sequence-sharded for the first block's norm.
-        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
-        "norm": SequenceParallel(),
+    stream = Shard(1) if sequence_parallel else Replicate()
+    plan = {
+        # Tokens are replicated over tp; the output leaves in the residual stream's layout.
+        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=stream),
         # Loss parallel keeps the logits a vocab-sharded DTensor for the loss; otherwise gather them.
-        "output": ColwiseParallel(input_layouts=Shard(1),
+        "output": ColwiseParallel(input_layouts=stream,
                                   output_layouts=Shard(-1) if loss_parallel_enabled else Replicate(),
                                   use_local_output=not loss_parallel_enabled),
     }
+    if sequence_parallel:
+        plan["norm"] = SequenceParallel()
+    return plan
 
 
 def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, loss_parallel_enabled: bool,
-                          async_tp: bool = False) -> None:
+                          async_tp: bool = False, sequence_parallel: bool = True) -> None:
     """Shard `model` (on the meta device, before FSDP) over `tp_mesh` in place.
 
     async_tp turns on inductor's micro-pipelined TP (CUDA + torch.compile only; the Trainer refuses it elsewhere).
+    sequence_parallel=False is the inference plan (see the module docstring): its norms stay plain tensors, which
+    an optimizer would refuse next to DTensors, so it is for generation, not training.
     """
     tied = model.tok_embeddings is not None and model.output is not None and \
         model.output.weight is model.tok_embeddings.weight
     for block in model.layers.values():
-        parallelize_module(block, tp_mesh, block_plan())
+        parallelize_module(block, tp_mesh, block_plan(sequence_parallel))
     # A pipeline stage may lack the embedding, the final norm or the output: plan only the modules it has.
-    plan = {name: style for name, style in outer_plan(loss_parallel_enabled).items()
+    plan = {name: style for name, style in outer_plan(loss_parallel_enabled, sequence_parallel).items()
             if getattr(model, name, None) is not None}
     parallelize_module(model, tp_mesh, plan)
     if tied:
