@@ -84,19 +84,24 @@ def plan_load(cfg: JobConfig) -> LoadPlan | None:
             have = ", ".join(map(str, sorted(steps))) or "none"
             raise ConfigError(f"checkpoint.load_step = {c.load_step}: {folder}/step-{c.load_step} is not a complete "
                               f"checkpoint (complete steps: {have}); pick one of those or -1 for the newest")
-        return LoadPlan(steps[c.load_step], True, False, False)
-    if steps:
-        return LoadPlan(steps[max(steps)], True, False, False)
-    if not c.initial_load_path:
+        plan = LoadPlan(steps[c.load_step], True, False, False)
+    elif steps:
+        plan = LoadPlan(steps[max(steps)], True, False, False)
+    elif not c.initial_load_path:
         return None
-    path = Path(c.initial_load_path)
-    needed = "config.json" if c.initial_load_in_hf else ".metadata"
-    if not (path / needed).is_file():
-        kind = "an HF model folder (config.json + safetensors)" if c.initial_load_in_hf else \
-            "a DCP checkpoint folder such as step-N (or set initial_load_in_hf = true for an HF folder)"
-        raise ConfigError(f"checkpoint.initial_load_path = {c.initial_load_path!r}: no {needed} there; "
-                          f"point it at {kind}")
-    return LoadPlan(path, False, c.initial_load_model_only, c.initial_load_in_hf)
+    else:
+        plan = LoadPlan(Path(c.initial_load_path), False, c.initial_load_model_only, c.initial_load_in_hf)
+        needed = "config.json" if plan.hf else ".metadata"
+        if not (plan.path / needed).is_file():
+            kind = "an HF model folder (config.json + safetensors)" if plan.hf else \
+                "a DCP checkpoint folder such as step-N (or set initial_load_in_hf = true for an HF folder)"
+            raise ConfigError(f"checkpoint.initial_load_path = {c.initial_load_path!r}: no {needed} there; "
+                              f"point it at {kind}")
+    made_by, model_name = (read_marker(plan.path) or {}).get("model"), f"{cfg.model.name} {cfg.model.flavor}"
+    if made_by and made_by != model_name:  # the same shapes can still be another model (e.g. another RoPE base)
+        raise ConfigError(f"checkpoint {plan.path} was saved from model {made_by}, this run is {model_name}; "
+                          f"set model.name/model.flavor to match or use another checkpoint.folder")
+    return plan
 
 
 def folder_bytes(path: Path) -> int:
@@ -106,10 +111,7 @@ def folder_bytes(path: Path) -> int:
 
 def check_model_fits(path: Path, saved: dict, shapes: dict[str, torch.Size], model_name: str) -> None:
     """ConfigError unless the DCP checkpoint at `path` (its metadata `saved`) holds exactly this model's tensors."""
-    made_by = (read_marker(path) or {}).get("model")
-    if made_by and made_by != model_name:  # the same shapes can still be another model (e.g. another RoPE base)
-        raise ConfigError(f"checkpoint {path} was saved from model {made_by}, this run is {model_name}; "
-                          f"set model.name/model.flavor to match or use another checkpoint.folder")
+    made_by = (read_marker(path) or {}).get("model")  # plan_load has checked that it is this model
     origin = f" (it was saved from {made_by})" if made_by else ""
     for name, shape in shapes.items():
         md = saved.get(f"model.{name}")

@@ -215,3 +215,16 @@ def test_entry_point_prints_one_line_and_exits_2(saved_run, tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert proc.returncode == 2 and len(errors) == 1 and "could not be read" in errors[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_excluding_the_dataloader_restarts_the_data(saved_run, tmp_path):
+    shutil.copytree(saved_run / "checkpoint", tmp_path / "checkpoint")
+    first_batch = {}
+    for name, extra in (("resumed", []), ("restarted", ["--checkpoint.exclude_from_loading", "dataloader"]),
+                        ("fresh", ["--checkpoint.enable", "false"])):
+        trainer = Trainer(config(tmp_path, "--training.steps", "3", *extra))
+        trainer.close()
+        first_batch[name] = (trainer.step, next(iter(trainer.dataloader))[0])
+    assert first_batch["resumed"][0] == first_batch["restarted"][0] == 2 and first_batch["fresh"][0] == 0
+    assert torch.equal(first_batch["restarted"][1], first_batch["fresh"][1])
+    assert not torch.equal(first_batch["resumed"][1], first_batch["fresh"][1])

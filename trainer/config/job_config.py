@@ -122,7 +122,8 @@ class Metrics:
 @dataclass
 class Checkpoint:
     enable: bool = False
-    """Save checkpoints to {job.dump_folder}/{folder}/step-N and resume from the newest complete one at start."""
+    """Save checkpoints to {job.dump_folder}/{folder}/step-N and resume from the newest complete one at start; on
+    SIGTERM/SIGINT finish the step, save it and exit 0."""
     folder: str = "checkpoint"
     """Checkpoint folder inside job.dump_folder (or an absolute path)."""
     interval: int = 500
