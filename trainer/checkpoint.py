@@ -122,6 +122,13 @@ class Checkpointer:
 
     def load(self) -> None:
         """Restore load_step, else this run's newest complete checkpoint, else initial_load_path; else do nothing."""
+        try:
+            self._load()
+        except BaseException:
+            self.close()  # the run ends here: give SIGTERM/SIGINT back their usual meaning
+            raise
+
+    def _load(self) -> None:
         plan = plan_load(self.cfg)
         if plan is None:
             return
