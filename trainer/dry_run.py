@@ -13,6 +13,7 @@ import sys
 import torch
 import torch.distributed as dist
 
+from trainer.checkpoint_files import plan_load
 from trainer.config import ConfigError, JobConfig, help_text, load_config
 from trainer.models.llama import Transformer, flops_per_token, num_params
 from trainer.parallel import parallelize
@@ -68,6 +69,7 @@ def dry_run(cfg: JobConfig, world_size: int, require_assets: bool = False) -> st
         if require_assets:
             raise
         notes.append(f"note: {e} (needed before training, not for this dry run)")
+    load = plan_load(cfg)
     param_dtype = torch.bfloat16 if cfg.training.mixed_precision_param == "bfloat16" else torch.float32
     init_fake_process_group(rank=0, world_size=world_size)
     try:
@@ -94,6 +96,9 @@ def dry_run(cfg: JobConfig, world_size: int, require_assets: bool = False) -> st
         f"gradients {local * 4 / GiB:.2f} GiB, optimizer {local * 8 / GiB:.2f} GiB, activations {act / GiB:.2f} GiB, "
         f"total {(state + act) / GiB:.2f} GiB",
         *notes,
+        "checkpoint: " + ("disabled" if not cfg.checkpoint.enable else "starts fresh" if load is None else
+                          f"{'resumes from' if load.resume else 'initial load from'} {load.path}"
+                          f"{' (model only)' if load.model_only else ''}{' (HF)' if load.hf else ''}"),
         "dry run OK",
     ])
 

@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
+from trainer.checkpoint import Checkpointer
 from trainer.config import ConfigError, JobConfig, help_text, load_config
 from trainer.data.dataloader import build_dataloader
 from trainer.data.datasets import DATASET_NAMES
@@ -113,6 +114,8 @@ class Trainer:
         self.dims.validate_model(self.model_args, cfg.training.seq_len)
         check_validation_layout(cfg, self.dims)
         self.accum_steps = gradient_accumulation_steps(cfg, self.dims.dp)
+        # Every window is full (packed), so the global batch holds a fixed number of tokens.
+        self.tokens_per_step = cfg.training.local_batch_size * cfg.training.seq_len * self.accum_steps * self.dims.dp
         if self.dist.world_size > 1:
             self.dims.build_mesh(self.device.type)
 
@@ -146,7 +149,7 @@ class Trainer:
 
         self.optimizer = build_optimizer(list(self.model.parameters()), cfg.optimizer)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.lr_scheduler, cfg.training.steps)
-        self.step = 0
+        self.step, self.tokens_seen = 0, 0
         self.metrics = MetricsLogger(
             cfg, self.device, flops_per_token(self.model_args, cfg.training.seq_len),
             peak_flops(self.device, self.param_dtype, cfg.metrics.peak_flops), enabled=self.dist.should_log,
@@ -157,6 +160,18 @@ class Trainer:
                           if cfg.validation.enable else None)
         self._log(f"model {cfg.model.name} {cfg.model.flavor}: {sum(p.numel() for p in self.model.parameters()):,} "
                   f"parameters | {self.dims} | accumulation {self.accum_steps} | {self.device} {self.param_dtype}")
+
+        # Checkpoint: now that everything it restores exists, resume (or start from checkpoint.initial_load_path).
+        self.checkpointer = Checkpointer(cfg, self.model, self.optimizer, self.lr_scheduler, self.dataloader, self,
+                                         self.dims, self.model_args, self.device, self._log)
+        self.checkpointer.load()
+
+    def state_dict(self) -> dict:
+        """The train state a checkpoint keeps besides model, optimizer, schedule and data."""
+        return {"step": self.step, "tokens_seen": self.tokens_seen}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
 
     def _run_name(self) -> str:
         """A timestamp taken on rank 0 and shared, so every rank's TensorBoard files land in one run folder."""
@@ -190,6 +205,7 @@ class Trainer:
         self.optimizer.step()
         self.lr_scheduler.step()
         self.step += 1
+        self.tokens_seen += self.tokens_per_step
         return loss, grad_norm
 
     def global_loss(self, loss: torch.Tensor) -> tuple[float, float]:
@@ -202,9 +218,9 @@ class Trainer:
         return gathered.mean().item(), gathered.max().item()
 
     def train(self) -> None:
-        """The training loop: data, step, log, garbage collection, validation."""
+        """The training loop: data, step, log, validation, checkpoint, garbage collection."""
         cfg = self.cfg.training
-        data_iter = iter(self.dataloader)
+        data_iter = iter(self.dataloader)  # created after the checkpoint load, so it starts at the saved position
         gc.disable()  # collections at random times stall ranks at different moments; collect on a schedule instead
         window_start, data_time, tokens, window_steps = time.perf_counter(), 0.0, 0, 0
         while self.step < cfg.steps:
@@ -225,11 +241,19 @@ class Trainer:
                 val_start = time.perf_counter()
                 self.validator.validate([self.model], self.step)
                 window_start += time.perf_counter() - val_start  # validation time is no training throughput
+            if self.checkpointer.stop_requested():  # SIGTERM/SIGINT on any rank: save this step and stop
+                self.checkpointer.save(self.step, force=True)
+                self._log(f"stopped by a signal after step {self.step}; the next run resumes from here")
+                return
+            self.checkpointer.save(self.step)
+        self.checkpointer.save(self.step, last=True)
+        self.checkpointer.wait()  # async saves complete before the process exits
         self._log(f"training done after {self.step} steps")
 
     def close(self) -> None:
         """Release what must not wait for interpreter exit."""
         self.metrics.close()
+        self.checkpointer.close()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.data.dataloader import build_dataloader
+from trainer.data.dataloader import build_dataloader, reshard_loader_state
 from trainer.data.datasets import C4_TEST_PATH, build_dataset
 from trainer.data.tokenizer import Tokenizer
 
@@ -146,6 +146,34 @@ def test_state_of_another_dp_degree_is_refused(tokenizer):
     restored.load_state_dict(saved.state_dict())
     with pytest.raises(ValueError, match="dp_degree=2.*dp_degree=4"):
         next(iter(restored))  # StatefulDataLoader applies a loaded state when the next iteration starts
+
+
+@pytest.mark.parametrize("name", ["c4_test", "synthetic", "jsonl"])
+@pytest.mark.parametrize("saved_degree, new_degree", [(4, 2), (2, 4), (2, 1)])
+def test_data_position_reshards_to_another_dp_degree(name, saved_degree, new_degree, tokenizer, tmp_path):
+    path = tiny_corpus(tmp_path / "tiny.jsonl") if name == "jsonl" else None
+    kwargs = dict(name=name, tokenizer=tokenizer, path=path, batch=1, seed=3)
+    stream = take(loader(**kwargs), 12 + 4 * new_degree)  # one process: window i is the i-th of the global stream
+    saved = []
+    for rank in range(saved_degree):  # each rank reads its share of the first 12 windows, as 12 / dp steps would
+        dl = loader(**kwargs, dp_rank=rank, dp_degree=saved_degree)
+        take(dl, 12 // saved_degree)
+        saved.append(dl.state_dict())
+    for rank in range(new_degree):
+        resumed = loader(**kwargs, dp_rank=rank, dp_degree=new_degree)
+        resumed.load_state_dict(reshard_loader_state(saved, rank, new_degree))
+        # It goes on with the windows 12 + rank, 12 + rank + new_degree, ...: none read twice, none skipped.
+        assert all(torch.equal(got, stream[12 + rank + i * new_degree]) for i, got in enumerate(take(resumed, 4)))
+
+
+def test_reshard_refuses_states_of_different_steps(tokenizer):
+    saved = []
+    for rank, batches in ((0, 2), (1, 3)):
+        dl = loader(tokenizer=tokenizer, batch=1, dp_rank=rank, dp_degree=2)
+        take(dl, batches)
+        saved.append(dl.state_dict())
+    with pytest.raises(ValueError, match="different positions"):
+        reshard_loader_state(saved, 0, 1)
 
 
 # --- local files and errors --------------------------------------------------------------------------------------

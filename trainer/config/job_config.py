@@ -45,7 +45,8 @@ class Training:
     max_norm: float = 1.0
     """Clip gradients to this global L2 norm (over every shard of every parameter); <= 0 disables clipping."""
     steps: int = 10000
-    """Optimizer steps to train for."""
+    """Optimizer steps to train for; 0 only builds, loads and writes the final checkpoint (e.g. to re-export an HF
+    import)."""
     mixed_precision_param: str = "auto"
     """Parameter dtype in forward/backward: float32, bfloat16, or auto (bfloat16 on CUDA, float32 on CPU, where
     float32 is the safe default). Never float16 on CPU: it runs ~100x slower than bfloat16 there."""
@@ -153,6 +154,46 @@ class Validation:
 
 
 @dataclass
+class Checkpoint:
+    enable: bool = False
+    """Save checkpoints to {job.dump_folder}/{folder}/step-N and resume from the newest complete one at start; on
+    SIGTERM/SIGINT finish the step, save it and exit 0."""
+    folder: str = "checkpoint"
+    """Checkpoint folder inside job.dump_folder (or an absolute path)."""
+    interval: int = 500
+    """Save a full checkpoint every this many steps."""
+    async_mode: str = "disabled"
+    """disabled (training waits for the write), async (writes in a background thread on its own process group
+    while training continues), or async_with_pinned_mem (async with pinned staging memory; CUDA only, plain async
+    on CPU)."""
+    keep_latest_k: int = 10
+    """Keep only the newest k complete full checkpoints, deleting older ones once a newer one is complete; 0 keeps
+    all."""
+    load_step: int = -1
+    """Resume from step-N of this run's folder; -1 resumes from the newest complete checkpoint."""
+    initial_load_path: str | None = None
+    """Checkpoint to start from when this run's folder has none yet: a step folder (DCP), or with
+    initial_load_in_hf an HF model folder (config.json + safetensors)."""
+    initial_load_model_only: bool = True
+    """Load only the weights from initial_load_path; false also loads optimizer, schedule, data position and step."""
+    initial_load_in_hf: bool = False
+    """initial_load_path is an HF model folder (config.json + safetensors), e.g. from scripts/download_hf_assets.py."""
+    last_save_model_only: bool = True
+    """At the end of training write only the weights, in export_dtype, to {folder}/export/step-N; false writes a
+    full, resumable checkpoint instead."""
+    last_save_in_hf: bool = False
+    """Write the final model-only save as an HF model folder (config.json + safetensors) that transformers loads;
+    needs last_save_model_only."""
+    export_dtype: str = "float32"
+    """Dtype of the final model-only save: float32, bfloat16 or float16."""
+    exclude_from_loading: list[str] = field(default_factory=list)
+    """Parts of a checkpoint not to load on resume: model, optimizer, lr_scheduler, dataloader, train_state, rng
+    (a TOML list, or comma-separated on the CLI)."""
+    enable_first_step_checkpoint: bool = False
+    """Also save a full checkpoint after step 1, to check early that checkpointing works on this storage."""
+
+
+@dataclass
 class Debug:
     seed: int | None = None
     """Seed for weights, data order and dropout-free RNG use; None picks 0 so runs are reproducible by default."""
@@ -172,4 +213,5 @@ class JobConfig:
     lr_scheduler: LRScheduler = field(default_factory=LRScheduler)
     metrics: Metrics = field(default_factory=Metrics)
     validation: Validation = field(default_factory=Validation)
+    checkpoint: Checkpoint = field(default_factory=Checkpoint)
     debug: Debug = field(default_factory=Debug)

@@ -202,12 +202,13 @@ def validate(cfg: JobConfig) -> None:
     """Every check that needs only the config (layout checks that need the world size live in ParallelDims)."""
     t, p, o, s, m = cfg.training, cfg.parallelism, cfg.optimizer, cfg.lr_scheduler, cfg.metrics
     for key, value in (("training.local_batch_size", t.local_batch_size), ("training.seq_len", t.seq_len),
-                       ("training.steps", t.steps), ("training.gc_freq", t.gc_freq), ("metrics.log_freq", m.log_freq),
+                       ("training.gc_freq", t.gc_freq), ("metrics.log_freq", m.log_freq),
                        ("parallelism.data_parallel_replicate_degree", p.data_parallel_replicate_degree),
                        ("parallelism.tensor_parallel_degree", p.tensor_parallel_degree),
                        ("parallelism.pipeline_parallel_degree", p.pipeline_parallel_degree),
                        ("parallelism.context_parallel_degree", p.context_parallel_degree)):
         _check(value >= 1, f"{key} = {value} must be >= 1")
+    _check(t.steps >= 0, f"training.steps = {t.steps} must be >= 0")
     _check(p.data_parallel_shard_degree == -1 or p.data_parallel_shard_degree >= 1,
            f"parallelism.data_parallel_shard_degree = {p.data_parallel_shard_degree} must be -1 (the rest) or >= 1")
     _check(t.global_batch_size == -1 or t.global_batch_size >= 1,
@@ -241,3 +242,26 @@ def validate(cfg: JobConfig) -> None:
     _check(not (v.enable and (v.dataset or t.dataset) == "synthetic" and v.steps == -1),
            "validation.steps = -1 evaluates the whole split, but the synthetic dataset is endless; set "
            "validation.steps to a number of batches")
+    _validate_checkpoint(cfg.checkpoint)
+
+
+CHECKPOINT_PARTS = ("model", "optimizer", "lr_scheduler", "dataloader", "train_state", "rng")
+
+
+def _validate_checkpoint(c) -> None:
+    _one_of("checkpoint.async_mode", c.async_mode, ("disabled", "async", "async_with_pinned_mem"))
+    _one_of("checkpoint.export_dtype", c.export_dtype, ("float32", "bfloat16", "float16"))
+    _check(c.interval >= 1, f"checkpoint.interval = {c.interval} must be >= 1")
+    _check(c.keep_latest_k >= 0, f"checkpoint.keep_latest_k = {c.keep_latest_k} must be >= 0 (0 keeps all)")
+    _check(c.load_step >= -1, f"checkpoint.load_step = {c.load_step} must be a step >= 0, or -1 for the newest")
+    for part in c.exclude_from_loading:
+        _check(part in CHECKPOINT_PARTS,
+               f"checkpoint.exclude_from_loading: {part!r} is not a checkpoint part{_suggest(part, CHECKPOINT_PARTS)}")
+    _check(not c.last_save_in_hf or c.last_save_model_only,
+           "checkpoint.last_save_in_hf = true needs checkpoint.last_save_model_only = true (an HF folder holds only "
+           "weights)")
+    _check(not c.initial_load_in_hf or c.initial_load_path,
+           "checkpoint.initial_load_in_hf = true needs checkpoint.initial_load_path, the HF model folder to load")
+    _check(not c.initial_load_in_hf or c.initial_load_model_only,
+           "checkpoint.initial_load_model_only = false with initial_load_in_hf: an HF folder holds only weights; "
+           "set initial_load_model_only = true")

@@ -1,0 +1,357 @@
+"""Checkpoints on torch.distributed.checkpoint (DCP): resume, periodic and async saves, keep_latest_k, the final
+export, and a save on SIGTERM/SIGINT.
+
+Layout under {job.dump_folder}/{checkpoint.folder}:
+
+    step-N/          a full checkpoint: one DCP save whose keys are
+                       model.*            parameters by name, sharded as trained (DCP reshards them on load)
+                       optimizer.*        optimizer state by parameter name (get_state_dict)
+                       lr_scheduler.*     the LambdaLR state
+                       train_state.*      step, tokens_seen
+                       dataloader.dp{r}   the StatefulDataLoader state of data-parallel rank r (pickled)
+                       rng.rank{r}        the RNG states of global rank r (pickled)
+                     complete.json        the marker: written last, by rank 0, once every rank's data is on disk
+    export/step-N/   the final model-only save (last_save_model_only): DCP in export_dtype, or an HF folder
+
+A folder without the marker is a save that did not finish: it is never loaded, and it is replaced when that step is
+saved again. A folder with it is never written into again. keep_latest_k deletes only older complete checkpoints,
+and only once a newer one is complete. A run resumed with another data-parallel degree gets its data position
+resharded exactly (reshard_loader_state); exclude_from_loading = ["dataloader"] restarts the data instead.
+"""
+
+import pickle
+import random
+import re
+import shutil
+import signal
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict, set_state_dict)
+
+from trainer.checkpoint_files import (MARKER, STEP_RE, check_model_fits, checkpoint_folder, complete_steps,
+                                     folder_bytes, load_hf_weights, plan_load, save_hf_weights, write_marker)
+from trainer.config import ConfigError, JobConfig
+from trainer.config.manager import CHECKPOINT_PARTS
+from trainer.data.dataloader import reshard_loader_state
+
+DATALOADER_RE = re.compile(r"dataloader\.dp(\d+)")
+# DCP warns on every save and load of a one-process run that it assumes one process, which is what we mean.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _cause(e: BaseException) -> str:
+    """The first failure inside a DCP exception (which lists every rank's traceback), as one line."""
+    if isinstance(e, CheckpointException) and e.failures:
+        e = next(iter(e.failures.values()))[0]
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"
+
+
+@dataclass
+class _PendingSave:
+    """An async save in flight; `done` is set on rank 0 once its marker is written (at once on other ranks)."""
+
+    future: object
+    path: Path
+    info: dict
+    start: float
+    done: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+
+
+class Checkpointer:
+    """Saves and restores everything a resumed run needs to continue exactly. Inert when checkpoint.enable is
+    false. `train_state` is an object with state_dict()/load_state_dict() for step and tokens_seen (the Trainer)."""
+
+    def __init__(self, cfg: JobConfig, model, optimizer, lr_scheduler, dataloader, train_state, dims, model_args,
+                 device: torch.device, log):
+        self.cfg, self.c, self.log = cfg, cfg.checkpoint, log
+        self.model, self.optimizer, self.lr_scheduler = model, optimizer, lr_scheduler
+        self.dataloader, self.train_state, self.model_args = dataloader, train_state, model_args
+        self.folder = checkpoint_folder(cfg)
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.dp_rank, self.dp_degree = dims.dp_coordinate()
+        self.model_name = f"{cfg.model.name} {cfg.model.flavor}"
+        self._pending: _PendingSave | None = None
+        self._saved: set[Path] = set()
+        self._signal: str | None = None
+        self._old_handlers: dict = {}
+        self._async_pg = self._flag_pg = self._stager = None
+        if not self.c.enable:
+            return
+        if self.c.async_mode != "disabled" and dist.is_initialized():
+            # The writer thread's collectives must not interleave with FSDP's on the default group.
+            self._async_pg = dist.new_group(backend="gloo")
+        if self.c.async_mode == "async_with_pinned_mem":
+            if device.type == "cuda":
+                self._stager = DefaultStager(StagingOptions(use_pinned_memory=True, use_shared_memory=False,
+                                                            use_async_staging=False, use_non_blocking_copy=False))
+            else:
+                log("checkpoint: async_with_pinned_mem stages into pinned memory for CUDA copies; on CPU it is async")
+        if dist.is_initialized() and dist.get_backend() != "gloo":
+            self._flag_pg = dist.new_group(backend="gloo")  # agree on a stop signal without a device sync
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old_handlers[sig] = signal.signal(sig, self._on_signal)
+
+    # --- resume ------------------------------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Restore load_step, else this run's newest complete checkpoint, else initial_load_path; else do nothing."""
+        try:
+            self._load()
+        except BaseException:
+            self.close()  # the run ends here: give SIGTERM/SIGINT back their usual meaning
+            raise
+
+    def _load(self) -> None:
+        plan = plan_load(self.cfg)
+        if plan is None:
+            return
+        start = time.perf_counter()
+        if plan.hf:
+            try:
+                load_hf_weights(self.model, plan.path, self.model_args)
+            except ValueError as e:
+                raise ConfigError(f"checkpoint.initial_load_path = {str(plan.path)!r}: {e}") from None
+            parts = ["model (HF)"]
+        else:
+            parts = ["model"] if plan.model_only else \
+                [p for p in CHECKPOINT_PARTS if p not in self.c.exclude_from_loading]
+            parts = self._load_dcp(plan.path, parts)
+        self.log(f"checkpoint: {'resumed from' if plan.resume else 'initial load from'} {plan.path} "
+                 f"({', '.join(parts)}) in {time.perf_counter() - start:.2f}s; at step {self.train_state.step}")
+
+    def _load_dcp(self, path: Path, parts: list[str]) -> list[str]:
+        try:
+            saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        except Exception as e:
+            raise ConfigError(f"checkpoint {path}: unreadable DCP metadata ({_cause(e)}); the folder is corrupt, "
+                              f"delete it or pick another with checkpoint.load_step") from None
+        for part in parts:
+            if part != "rng" and not any(k.startswith(f"{part}.") for k in saved):
+                raise ConfigError(f"checkpoint {path} has no {part} state (a model-only save?); start from it with "
+                                  f"checkpoint.initial_load_path and initial_load_model_only = true, or add "
+                                  f"{part} to checkpoint.exclude_from_loading")
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)  # first: it creates the optimizer state
+        check_model_fits(path, saved, {name: value.shape for name, value in model_sd.items()}, self.model_name)
+
+        saved_dp = sorted(int(m.group(1)) for k in saved if (m := DATALOADER_RE.fullmatch(k)))
+        same_dp = len(saved_dp) == self.dp_degree
+        loader_keys = [f"dp{r}" for r in ([self.dp_rank] if same_dp else saved_dp)]
+        rng_key = f"rank{self.rank}"
+        if "rng" in parts and f"rng.{rng_key}" not in saved:
+            parts.remove("rng")  # saved with fewer ranks: this one keeps its seeded state
+        state = {"model": model_sd, "optimizer": optim_sd, "lr_scheduler": self.lr_scheduler.state_dict(),
+                 "train_state": self.train_state.state_dict(),
+                 "dataloader": dict.fromkeys(loader_keys, b""),
+                 "rng": {rng_key: b""}}
+        state = {part: value for part, value in state.items() if part in parts}
+        try:
+            dcp.load(state, checkpoint_id=str(path))
+        except (Exception, CheckpointException) as e:
+            raise ConfigError(f"checkpoint {path} could not be read ({_cause(e)}); it is corrupt or incomplete: "
+                              f"delete it or pick another with checkpoint.load_step") from None
+
+        if "model" in state and "optimizer" in state:
+            set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                           optim_state_dict=state["optimizer"])
+        elif "model" in state:
+            set_model_state_dict(self.model, state["model"])
+        elif "optimizer" in state:
+            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
+        if "lr_scheduler" in state:
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if "train_state" in state:
+            self.train_state.load_state_dict(state["train_state"])
+        if "rng" in state:
+            _set_rng_state(pickle.loads(state["rng"][rng_key]))
+        if "dataloader" in state:
+            self._load_dataloader(path, [pickle.loads(state["dataloader"][k]) for k in loader_keys], same_dp)
+        return parts
+
+    def _load_dataloader(self, path: Path, states: list[dict], same_dp: bool) -> None:
+        if same_dp:
+            self.dataloader.load_state_dict(states[0])
+            return
+        try:
+            state = reshard_loader_state(states, self.dp_rank, self.dp_degree)
+        except ValueError as e:
+            raise ConfigError(f"checkpoint {path}: cannot reshard the data position ({e}); add dataloader to "
+                              f"checkpoint.exclude_from_loading to restart the data") from None
+        self.dataloader.load_state_dict(state)
+        self.log(f"checkpoint: data position saved at data-parallel degree {len(states)} resharded to "
+                 f"{self.dp_degree}: no sample is read twice or skipped")
+
+    # --- save --------------------------------------------------------------------------------------------------
+
+    def save(self, step: int, *, last: bool = False, force: bool = False) -> None:
+        """Call after every step. Saves a full checkpoint when due (every `interval` steps, after step 1 with
+        enable_first_step_checkpoint, or `force`d by a stop signal); with `last` (after the final step) the final
+        save: a model-only export (last_save_model_only) or a full checkpoint."""
+        if not self.c.enable:
+            return
+        if last:
+            if self.c.last_save_model_only:
+                self._export(step)
+            else:
+                self._save_full(step, asynchronous=False)
+        elif force or step % self.c.interval == 0 or (step == 1 and self.c.enable_first_step_checkpoint):
+            self._save_full(step, asynchronous=self.c.async_mode != "disabled" and not force)
+
+    def _state_dict(self) -> dict:
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        return {"model": model_sd, "optimizer": optim_sd, "lr_scheduler": self.lr_scheduler.state_dict(),
+                "train_state": self.train_state.state_dict(),
+                "dataloader": {f"dp{self.dp_rank}": pickle.dumps(self.dataloader.state_dict())},
+                "rng": {f"rank{self.rank}": pickle.dumps(_rng_state())}}
+
+    def _info(self, step: int, model_only: bool, fmt: str) -> dict:
+        return {"step": step, "model": self.model_name, "model_only": model_only, "format": fmt,
+                "dp_degree": self.dp_degree, "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+                "seq_len": self.cfg.training.seq_len, "tokens_seen": self.train_state.state_dict()["tokens_seen"]}
+
+    def _claim(self, path: Path) -> bool:
+        """Make `path` ready for a new save. False (skip) when it is complete already: never overwritten. A partial
+        save left by a killed run is removed first."""
+        if (path / MARKER).is_file():
+            if path not in self._saved:
+                self.log(f"checkpoint: {path} is complete already; not overwritten")
+            return False
+        if self.rank == 0:
+            shutil.rmtree(path, ignore_errors=True)
+            path.mkdir(parents=True)
+        if dist.is_initialized():
+            dist.barrier()
+        return True
+
+    def _save_full(self, step: int, asynchronous: bool) -> None:
+        path = self.folder / f"step-{step}"
+        self.wait()  # one save at a time: the next one starts when the previous one is complete
+        if not self._claim(path):
+            return
+        start, state, info = time.perf_counter(), self._state_dict(), self._info(step, False, "dcp")
+        if not asynchronous:
+            dcp.save(state, checkpoint_id=str(path))
+            # dcp.save returns on rank 0 only after every rank's write results reached it and .metadata is written.
+            if self.rank == 0:
+                self._complete(path, info, start)
+            self._saved.add(path)
+            return
+        # The state is copied to fresh CPU memory (staged) before async_save returns, so training may go on.
+        future = dcp.async_save(state, checkpoint_id=str(path), process_group=self._async_pg,
+                                async_stager=self._stager)
+        self._pending = pending = _PendingSave(future, path, info, start)
+        self._saved.add(path)
+        if self.rank == 0:
+            # Rank 0's future completes only after every rank's writes did (DCP gathers them to write .metadata).
+            future.add_done_callback(lambda _: self._complete_pending(pending))
+        else:
+            pending.done.set()
+        self.log(f"checkpoint: {path.name} staged in {time.perf_counter() - start:.2f}s; writing in the background")
+
+    def _complete_pending(self, pending: _PendingSave) -> None:
+        """Rank 0, in the writer thread: mark the async save complete as soon as it is."""
+        try:
+            pending.future.result()
+            self._complete(pending.path, pending.info, pending.start)
+        except BaseException as e:  # raised in the training thread by wait()
+            pending.error = e
+        finally:
+            pending.done.set()
+
+    def _complete(self, path: Path, info: dict, start: float, purge: bool = True) -> None:
+        """Rank 0: write the marker, then delete what keep_latest_k no longer keeps."""
+        size = folder_bytes(path)
+        write_marker(path, {**info, "bytes": size, "save_seconds": round(time.perf_counter() - start, 3)})
+        self.log(f"checkpoint: saved {path} ({size / 2**20:.1f} MiB) in {time.perf_counter() - start:.2f}s")
+        if purge and self.c.keep_latest_k > 0:
+            steps = complete_steps(self.folder)
+            for step in sorted(steps)[:-self.c.keep_latest_k]:
+                (steps[step] / MARKER).unlink()  # first, so a half-deleted folder never looks complete
+                shutil.rmtree(steps[step], ignore_errors=True)
+            for child in self.folder.iterdir():  # partial saves of killed runs, older than a complete one
+                match = STEP_RE.fullmatch(child.name)
+                if match and int(match.group(1)) < max(steps) and int(match.group(1)) not in steps:
+                    shutil.rmtree(child, ignore_errors=True)
+
+    def _export(self, step: int) -> None:
+        """The final model-only save in export_dtype: DCP, or an HF folder with last_save_in_hf."""
+        path = self.folder / "export" / f"step-{step}"
+        if not self._claim(path):
+            return
+        start, dtype = time.perf_counter(), getattr(torch, self.c.export_dtype)
+        if self.c.last_save_in_hf:
+            save_hf_weights(self.model, path, self.model_args, dtype)  # rank 0 writes every file
+        else:
+            model_sd = {name: value.to(dtype) for name, value in get_model_state_dict(self.model).items()}
+            dcp.save({"model": model_sd}, checkpoint_id=str(path))
+        if self.rank == 0:
+            self._complete(path, self._info(step, True, "hf" if self.c.last_save_in_hf else "dcp"), start,
+                           purge=False)
+        self._saved.add(path)
+
+    def wait(self) -> None:
+        """Block until the async save in flight, if any, is complete on every rank; raise if it failed."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        try:
+            pending.future.result()
+        except BaseException as e:
+            raise RuntimeError(f"checkpoint: async save of {pending.path} failed: {_cause(e)}") from e
+        pending.done.wait()
+        if pending.error is not None:
+            raise RuntimeError(f"checkpoint: completing {pending.path} failed: {_cause(pending.error)}") \
+                from pending.error
+
+    # --- stop signals ------------------------------------------------------------------------------------------
+
+    def _on_signal(self, signum, frame) -> None:
+        self._signal = signal.Signals(signum).name
+
+    def stop_requested(self) -> bool:
+        """Whether any rank got SIGTERM or SIGINT. Every rank calls it at the same point of every step (one tiny
+        all-reduce), so all stop after the same step."""
+        if not self.c.enable:
+            return False
+        stop = self._signal is not None
+        if dist.is_initialized():
+            flag = torch.tensor([int(stop)])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._flag_pg)
+            stop = bool(flag.item())
+        return stop
+
+    def close(self) -> None:
+        """Restore the signal handlers and free the stager. Does not wait: after an error an unfinished async save
+        stays unmarked, so it is never loaded (the normal path calls wait() at the end of training)."""
+        for sig, handler in self._old_handlers.items():
+            signal.signal(sig, handler)
+        self._old_handlers = {}
+        if self._stager is not None:
+            self._stager.close()
+            self._stager = None
