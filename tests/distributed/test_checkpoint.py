@@ -23,6 +23,12 @@ LAYOUTS = {  # name -> (ranks, overrides); every layout reads the global batch o
     "1 process": (1, {"training.local_batch_size": 4}),
     "dp_shard=2": (2, {"parallelism.data_parallel_shard_degree": 2, "training.local_batch_size": 2}),
     "dp_shard=4": (4, {"parallelism.data_parallel_shard_degree": 4, "training.local_batch_size": 1}),
+    "tp=2": (2, {"parallelism.tensor_parallel_degree": 2, "parallelism.data_parallel_shard_degree": 1,
+                 "training.local_batch_size": 4}),
+    "cp=2": (2, {"parallelism.context_parallel_degree": 2, "parallelism.data_parallel_shard_degree": 1,
+                 "training.local_batch_size": 4}),
+    "dp_shard=2 x tp=2": (4, {"parallelism.tensor_parallel_degree": 2, "parallelism.data_parallel_shard_degree": 2,
+                              "training.local_batch_size": 2}),
 }
 ASYNC = {"checkpoint.async_mode": "async"}
 
@@ -46,11 +52,15 @@ CASES = {
         "dp_shard=2", ["--signal-at-step", "7"], "dp_shard=2", 5, {**ASYNC, "checkpoint.interval": 5},
         {"checkpoint.load_step": 5}),
     "dp_shard=4 -> dp_shard=2 (reshard)": Case("dp_shard=4", ["--signal-at-step", "5"], "dp_shard=2", 5, rtol=1e-5),
+    "dp_shard=4 -> dp_shard=2 x tp=2 (reshard)": Case("dp_shard=4", ["--signal-at-step", "5"], "dp_shard=2 x tp=2", 5,
+                                                      rtol=1e-5),
+    "tp=2, SIGTERM after step 5": Case("tp=2", ["--signal-at-step", "5"], "tp=2", 5),
+    "cp=2, SIGTERM after step 5": Case("cp=2", ["--signal-at-step", "5"], "cp=2", 5),
     "kill -9 during the async save of step 4": Case(
         "dp_shard=2", ["--kill-at-step", "4", "--slow-writes", "3"], "dp_shard=2", 2,
         {**ASYNC, "checkpoint.interval": 2}),
 }
-SLOW = {"dp_shard=2, from the async save of step 5", "dp_shard=4 -> dp_shard=2 (reshard)"}
+SLOW = {"dp_shard=2, from the async save of step 5", "dp_shard=4 -> dp_shard=2 (reshard)", "cp=2, SIGTERM after step 5"}
 
 
 def overrides(layout: str, settings: dict) -> list[str]:
