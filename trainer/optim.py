@@ -43,12 +43,16 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: LRScheduler, total
 
 
 @torch.no_grad()
-def clip_grad_norm_(params: list[nn.Parameter], max_norm: float, pp_group=None) -> torch.Tensor:
+def clip_grad_norm_(params: list[nn.Parameter], max_norm: float, pp_group=None,
+                    norm_skip: list[nn.Parameter] = ()) -> torch.Tensor:
     """Clip to the true global L2 norm over every shard (DTensor) and every pipeline stage; return that norm.
 
-    No host sync: the norm stays a device tensor until someone logs it. max_norm <= 0 only measures.
+    `norm_skip`: parameters left out of the norm (still clipped) because another stage counts the same weight,
+    e.g. the last stage's copy of tied embeddings. No host sync: the norm stays a device tensor until someone
+    logs it. max_norm <= 0 only measures.
     """
-    grads = [p.grad for p in params if p.grad is not None]
+    skip = {id(p) for p in norm_skip}
+    grads = [p.grad for p in params if p.grad is not None and id(p) not in skip]
     total = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
     if isinstance(total, DTensor):  # partial norms over the mesh -> one replicated value
         total = total.full_tensor()
