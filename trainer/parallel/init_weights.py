@@ -17,6 +17,10 @@ from trainer.models.llama import canonical_param_name, param_generator
 def init_weights(model: nn.Module, seed: int, device: torch.device) -> None:
     """Move `model` off the meta device onto `device` and initialize parameters and buffers in place."""
     model.to_empty(device=device)
+    # to_empty gives each parameter attribute a tensor of its own, which unties a shared matrix: tie it again
+    # (FSDP2 would re-tie at its first reshard, but plain models never would, and the optimizer sees both).
+    if model.args.tie_word_embeddings and model.tok_embeddings is not None and model.output is not None:
+        model.output.weight = model.tok_embeddings.weight
     model.init_buffers()
     for name, param in model.named_parameters():
         # A tied output matrix is the embedding by another name: a last pipeline stage that holds only `output`
