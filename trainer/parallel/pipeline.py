@@ -199,12 +199,10 @@ class Pipeline:
     stage_ids: list[int]
     group: dist.ProcessGroup
     """The pp group, over which the loss is broadcast from `plan.last_stage_rank`."""
-    tied_copies: list[nn.Parameter]
-    """This rank's copies of a weight shared by the first and last stages (tied embeddings), else empty."""
+    tied: bool
+    """Whether the first stage's embedding and the last stage's output share one matrix (tied embeddings)."""
     tied_group: dist.ProcessGroup | None
     """The group joining the first and last stage ranks at this data/tensor coordinate; None when not needed."""
-    norm_skip: list[nn.Parameter]
-    """Parameters another stage already counts in the gradient norm: the last stage's tied copy."""
 
     @property
     def has_first_stage(self) -> bool:
@@ -213,6 +211,20 @@ class Pipeline:
     @property
     def has_last_stage(self) -> bool:
         return self.plan.n_stages - 1 in self.stage_ids
+
+    # Parameters are looked up when used: materializing a meta model (to_empty) replaces the Parameter objects.
+    @property
+    def tied_copies(self) -> list[nn.Parameter]:
+        """This rank's copies of the tied embedding/output matrix: none, one, or both ends of a V."""
+        ends = dict(zip(self.stage_ids, self.model_parts)) if self.tied else {}
+        last = self.plan.n_stages - 1
+        return ([ends[0].tok_embeddings.weight] if 0 in ends else []) + \
+            ([ends[last].output.weight] if last in ends else [])
+
+    @property
+    def norm_skip(self) -> list[nn.Parameter]:
+        """Parameters another stage already counts in the gradient norm: the last stage's tied copy."""
+        return self.tied_copies[-1:] if self.tied and self.has_last_stage else []
 
     @torch.no_grad()
     def sync_tied_grads(self) -> None:
@@ -262,11 +274,6 @@ def build_pipeline(model: nn.Module, plan: PipelinePlan, dims: ParallelDims, dev
     except ValueError as e:  # a constraint of this torch version that plan_pipeline does not know yet
         raise ConfigError(f"{_KEY}_schedule = {plan.schedule!r}: {' '.join(str(e).split())}") from None
 
-    tied, tied_group, norm_skip = [], None, []
-    if model.args.tie_word_embeddings:
-        ends = dict(zip(stage_ids, parts))
-        tied = ([ends[0].tok_embeddings.weight] if 0 in ends else []) + \
-            ([ends[plan.n_stages - 1].output.weight] if plan.n_stages - 1 in ends else [])
-        norm_skip = tied[-1:] if plan.n_stages - 1 in ends else []
-        tied_group = _first_last_group(dims, plan)
-    return Pipeline(plan, schedule, parts, stage_ids, pp_mesh.get_group(), tied, tied_group, norm_skip)
+    tied = model.args.tie_word_embeddings
+    tied_group = _first_last_group(dims, plan) if tied else None
+    return Pipeline(plan, schedule, parts, stage_ids, pp_mesh.get_group(), tied, tied_group)
