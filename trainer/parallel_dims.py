@@ -53,7 +53,7 @@ class ParallelDims:
                    p.tensor_parallel_degree, p.pipeline_parallel_degree, world_size)
 
     def validate_model(self, model_args, seq_len: int) -> None:
-        """Layout checks that depend on the model's shape."""
+        """Layout checks that depend on the model's shape (pipeline stages: trainer.parallel.pipeline.plan_pipeline)."""
         if self.tp > 1:
             for what, n in (("n_heads", model_args.n_heads), ("n_kv_heads", model_args.n_kv_heads or model_args.n_heads),
                             ("FFN hidden dim", model_args.ffn_hidden_dim), ("seq_len (sequence parallel)", seq_len)):
@@ -63,9 +63,6 @@ class ParallelDims:
         if self.cp > 1 and seq_len % (2 * self.cp):
             raise ConfigError(f"training.seq_len = {seq_len} is not divisible by 2 x context_parallel_degree = "
                               f"{2 * self.cp} (causal load balancing cuts each sequence into 2 x cp chunks)")
-        if self.pp > model_args.n_layers:
-            raise ConfigError(f"parallelism.pipeline_parallel_degree = {self.pp} exceeds the model's "
-                              f"{model_args.n_layers} layers; use at most {model_args.n_layers} stages")
 
     @property
     def dp(self) -> int:

@@ -40,19 +40,24 @@ def assert_reference_moves(ref: dict, flavor: str = "debugmodel", name: str = "l
     assert all(g > 0 for g in ref["grad_norms"])
 
 
-def assert_matches_reference(got: dict, ref: dict, rtol: float = 1e-5, param_atol: float = 1e-5) -> dict:
-    """Loss within rtol at every step, every parameter after step 1 within param_atol; returns the deltas."""
+def assert_matches_reference(got: dict, ref: dict, rtol: float = 1e-5, param_atol: float = 1e-5,
+                             check_grad_norm: bool = False) -> dict:
+    """Loss within rtol at every step, every parameter after step 1 within param_atol, and with `check_grad_norm`
+    the grad norm within rtol at every step; returns the deltas."""
     assert len(got["losses"]) == len(ref["losses"]) == STEPS
     loss_rel = [abs(a - b) / abs(b) for a, b in zip(got["losses"], ref["losses"])]
     for step, (rel, a, b) in enumerate(zip(loss_rel, got["losses"], ref["losses"]), start=1):
         assert rel <= rtol, f"step {step}: loss {a!r} vs reference {b!r} (relative {rel:.3g})"
+    norm_rel = [abs(a - b) / abs(b) for a, b in zip(got["grad_norms"], ref["grad_norms"])]
+    for step, (rel, a, b) in enumerate(zip(norm_rel, got["grad_norms"], ref["grad_norms"]), start=1):
+        assert rel <= rtol or not check_grad_norm, f"step {step}: grad norm {a!r} vs reference {b!r} ({rel:.3g})"
     assert got["params_after_step1"].keys() == ref["params_after_step1"].keys()
     param_diff = 0.0
     for pname, ref_p in ref["params_after_step1"].items():
         diff = (got["params_after_step1"][pname] - ref_p).abs().max().item()
         assert diff <= param_atol, f"{pname}: max |param - reference| = {diff:.3g} after step 1"
         param_diff = max(param_diff, diff)
-    deltas = {"max_loss_rel": max(loss_rel), "max_param_abs": param_diff}
+    deltas = {"max_loss_rel": max(loss_rel), "max_param_abs": param_diff, "max_grad_norm_rel": max(norm_rel)}
     print(f"parity: {deltas}")
     return deltas
 
