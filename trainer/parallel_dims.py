@@ -53,7 +53,7 @@ class ParallelDims:
                    p.tensor_parallel_degree, p.pipeline_parallel_degree, world_size)
 
     def validate_model(self, model_args, seq_len: int) -> None:
-        """Layout checks that depend on the model's shape (pipeline stages: trainer.parallel.pipeline.plan_pipeline)."""
+        """Layout checks that depend on the model's shape."""
         if self.tp > 1:
             for what, n in (("n_heads", model_args.n_heads), ("n_kv_heads", model_args.n_kv_heads or model_args.n_heads),
                             ("FFN hidden dim", model_args.ffn_hidden_dim), ("seq_len (sequence parallel)", seq_len)):

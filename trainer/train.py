@@ -167,8 +167,8 @@ class Trainer:
         return loss.detach()
 
     def pipeline_forward_backward(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """One micro-batch through the pipeline schedule, which splits it into microbatches: the first stage is fed
-        the tokens, the last computes the loss. Other ranks return 0; global_loss fetches the last stage's loss."""
+        """One micro-batch through the pipeline schedule, which cuts it into pipeline microbatches: the first stage
+        is fed the tokens, the last computes the loss. Other ranks return 0; global_loss fetches the real one."""
         pipeline, losses = self.pipeline, []
         with self.autocast:
             pipeline.schedule.step(*([inputs] if pipeline.has_first_stage else []),

@@ -76,10 +76,12 @@ class PipelinePlan:
 
 
 def _compress(modules: list[str]) -> str:
-    layers = [int(m.split(".")[1]) for m in modules if m.startswith("layers.")]
-    rest = [m for m in modules if not m.startswith("layers.")]
-    span = [] if not layers else [f"layers.{layers[0]}" + (f"-{layers[-1]}" if len(layers) > 1 else "")]
-    return ", ".join(([m for m in rest if m == "tok_embeddings"]) + span + [m for m in rest if m != "tok_embeddings"])
+    """["tok_embeddings", "layers.0", "layers.1", "layers.2"] -> "tok_embeddings, layers.0-2"."""
+    layers = [m for m in modules if m.startswith("layers.")]
+    if len(layers) > 1:
+        span = f"{layers[0]}-{layers[-1].removeprefix('layers.')}"
+        modules = [span if m == layers[0] else m for m in modules if m not in layers[1:]]
+    return ", ".join(modules)
 
 
 def _schedule_class(name: str) -> type:
@@ -195,6 +197,7 @@ class Pipeline:
 
     plan: PipelinePlan
     schedule: object
+    """The torch schedule (PipelineScheduleSingle or PipelineScheduleMulti): `step` runs one local batch."""
     model_parts: list[nn.Module]
     stage_ids: list[int]
     group: dist.ProcessGroup
