@@ -60,6 +60,8 @@ CASES = [  # (name, NGPU, toml text or None, CLI args, substrings the one-line e
                                               '[["tok_embeddings", "layers.0", "layers.2"], ["layers.1", "layers.3", '
                                               '"layers.4", "layers.5", "norm", "output"]]'],
      ["module_fqns_per_model_part: 'layers.2' is out of order"]),
+    ("nested list not in TOML syntax", 1, None, ["--parallelism.module_fqns_per_model_part", "[[layers.0]]"],
+     ["parallelism.module_fqns_per_model_part = '[[layers.0]]': not a valid TOML list"]),
     ("unknown flavor", 1, None, ["--model.flavor", "9B"], ["model.flavor = '9B'", "8B"]),
     ("missing config file", 1, None, ["--job.config_file", "/nonexistent/x.toml"], ["/nonexistent/x.toml", "no such file"]),
     ("invalid TOML", 1, "[training\nsteps = 3\n", [], ["invalid TOML"]),

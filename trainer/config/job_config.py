@@ -85,7 +85,7 @@ class Parallelism:
     """Layers' worth of work the final norm + output projection count for: the last stage gets this many fewer."""
     module_fqns_per_model_part: list[list[str]] | None = None
     """Explicit split, one list of module names per stage, e.g. [["tok_embeddings", "layers.0"], ["layers.1",
-    "norm", "output"]]; every module once, in model order. Overrides the two keys above. On the CLI give it
+    "norm", "output"]]; every module once, in model order. Overrides the three keys above. On the CLI give it
     in TOML syntax."""
     context_parallel_degree: int = 1
     """Context-parallel degree (not available yet in this version: must be 1)."""
