@@ -17,6 +17,7 @@ from trainer.checkpoint_files import plan_load
 from trainer.config import ConfigError, JobConfig, help_text, load_config
 from trainer.models.llama import Transformer, flops_per_token, num_params
 from trainer.parallel import parallelize
+from trainer.parallel.pipeline import build_pipeline, plan_pipeline
 from trainer.parallel_dims import ParallelDims, device_type
 from trainer.torch_private import init_fake_process_group
 from trainer.train import build_model_args, build_tokenizer, check_dataset, check_device, gradient_accumulation_steps
@@ -34,19 +35,22 @@ def _fmt_config(cfg: JobConfig) -> str:
     return "\n".join(lines)
 
 
-def activation_bytes(args, tokens: int, bytes_per_el: int, tp: int = 1, loss_parallel: bool = False) -> int:
+def activation_bytes(args, tokens: int, bytes_per_el: int, tp: int = 1, loss_parallel: bool = False,
+                     n_layers: int | None = None, logits: bool = True) -> int:
     """Rough bytes of activations saved for backward on one rank (no activation checkpointing).
 
     Per layer and token: norm inputs/outputs and attention in/out (~7 x dim), k/v (2 x kv dim), the SwiGLU
     intermediates (4 x hidden); plus the logits in the compute dtype and their fp32 copy for the loss. Tensor
     parallel splits all of it over tp except the two sequence-gathered norm outputs the column-wise layers
-    keep, and the logits only under loss parallel.
+    keep, and the logits only under loss parallel. A pipeline rank passes the layers it holds, and logits=False
+    unless it holds the output.
     """
     kv_dim = (args.n_kv_heads or args.n_heads) * args.head_dim
     gathered = 2 * args.dim if tp > 1 else 0
     per_token_layer = gathered + (7 * args.dim - gathered + 2 * kv_dim + 4 * args.ffn_hidden_dim) / tp
-    logits = tokens * args.vocab_size * (bytes_per_el + 4) / (tp if loss_parallel else 1)
-    return int(tokens * args.n_layers * per_token_layer * bytes_per_el + logits)
+    logit_bytes = tokens * args.vocab_size * (bytes_per_el + 4) / (tp if loss_parallel else 1) if logits else 0
+    layers = args.n_layers if n_layers is None else n_layers
+    return int(tokens * layers * per_token_layer * bytes_per_el + logit_bytes)
 
 
 def dry_run(cfg: JobConfig, world_size: int, require_assets: bool = False) -> str:
@@ -60,6 +64,7 @@ def dry_run(cfg: JobConfig, world_size: int, require_assets: bool = False) -> st
     dims.validate_model(args, cfg.training.seq_len)
     check_validation_layout(cfg, dims)
     accum = gradient_accumulation_steps(cfg, dims.dp)
+    plan = plan_pipeline(cfg.parallelism, cfg.training.local_batch_size, args.n_layers) if dims.pp > 1 else None
     notes = []
     try:
         check_dataset(cfg)
@@ -76,20 +81,29 @@ def dry_run(cfg: JobConfig, world_size: int, require_assets: bool = False) -> st
         dims.build_mesh("cpu")
         with torch.device("meta"):
             model = Transformer(args)
-        parallelize(model, dims, cfg, param_dtype)
-        local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters())
+        if plan is not None:  # rank 0's stages, schedule included: its constructor checks the layout too
+            parts = build_pipeline(model, plan, dims, torch.device("cpu"),
+                                   lambda part: parallelize(part, dims, cfg, param_dtype),
+                                   loss_fn=lambda logits, labels: logits.sum()).model_parts
+        else:
+            parts = [parallelize(model, dims, cfg, param_dtype)]
+        local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel()
+                    for part in parts for p in part.parameters())
     finally:
         dist.destroy_process_group()
     total = num_params(args)
     # fp32 master weights + fp32 gradients + two fp32 Adam moments, each sharded like the parameters.
     state = local * 4 * 4
+    # With PP this is an upper bound: it counts every microbatch in flight at once, as GPipe has them.
     tokens = cfg.training.local_batch_size * cfg.training.seq_len // dims.cp
     act = activation_bytes(args, tokens, 2 if param_dtype == torch.bfloat16 else 4, dims.tp,
-                           dims.loss_parallel_enabled)
+                           dims.loss_parallel_enabled, n_layers=sum(len(part.layers) for part in parts),
+                           logits=any(part.output is not None for part in parts))
     return "\n".join([
         _fmt_config(cfg),
         f"mesh: {world_size} ranks = pp {dims.pp} x dp_replicate {dims.dp_replicate} x dp_shard {dims.dp_shard} x "
         f"cp {dims.cp} x tp {dims.tp}; gradient accumulation {accum}",
+        *([plan.describe()] if plan is not None else []),
         f"model: {cfg.model.name} {cfg.model.flavor}, {total / 1e9:.2f}B parameters ({total:,}); "
         f"{flops_per_token(args, cfg.training.seq_len) / 1e9:.2f} GFLOPs per token at seq_len {cfg.training.seq_len}",
         f"memory per rank (rank 0, estimate): parameters {local * 4 / GiB:.2f} GiB ({local:,} local elements), "

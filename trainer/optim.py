@@ -43,17 +43,21 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: LRScheduler, total
 
 
 @torch.no_grad()
-def clip_grad_norm_(params: list[nn.Parameter], max_norm: float, pp_group=None) -> torch.Tensor:
+def clip_grad_norm_(params: list[nn.Parameter], max_norm: float, pp_group=None,
+                    norm_skip: list[nn.Parameter] = ()) -> torch.Tensor:
     """Clip to the true global L2 norm over every shard (DTensor) and every pipeline stage; return that norm.
 
-    No host sync: the norm stays a device tensor until someone logs it. max_norm <= 0 only measures.
+    `norm_skip`: parameters left out of the norm (still clipped) because another stage counts the same weight,
+    e.g. the last stage's copy of tied embeddings. No host sync: the norm stays a device tensor until someone
+    logs it. max_norm <= 0 only measures.
     """
-    grads = [p.grad for p in params if p.grad is not None]
+    skip = {id(p) for p in norm_skip}
+    grads = [p.grad for p in params if p.grad is not None and id(p) not in skip]
     # torch's CPU fp32 norm kernel accumulates sequentially: ~1e-4 relative error on a 2048x256 gradient, 7e-4 at
     # 4096^2 (its sum kernel is accurate). Accumulate in fp64 there; CUDA reductions are accurate in fp32.
     acc = torch.float64 if grads and grads[0].device.type == "cpu" else None
     norms = [torch.linalg.vector_norm(g, 2.0, dtype=acc) for g in grads]
-    total = torch.linalg.vector_norm(torch.stack(norms), 2.0)
+    total = torch.linalg.vector_norm(torch.stack(norms), 2.0) if norms else torch.zeros((), device=params[0].device)
     if isinstance(total, DTensor):  # partial norms over the mesh -> one replicated value
         total = total.full_tensor()
     total = total.float()

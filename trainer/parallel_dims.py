@@ -80,9 +80,6 @@ class ParallelDims:
             raise ConfigError(f"training.seq_len = {seq_len} does not split over tensor_parallel_degree = {self.tp} "
                               f"(sequence parallel splits each {'context-parallel shard of the ' if self.cp > 1 else ''}"
                               f"sequence over the tp ranks); use a multiple of {multiple}")
-        if self.pp > model_args.n_layers:
-            raise ConfigError(f"parallelism.pipeline_parallel_degree = {self.pp} exceeds the model's "
-                              f"{model_args.n_layers} layers; use at most {model_args.n_layers} stages")
 
     @property
     def dp(self) -> int:

@@ -22,11 +22,12 @@ from trainer.data.datasets import DATASET_NAMES
 from trainer.data.tokenizer import Tokenizer
 from trainer.distributed import init_distributed, shutdown
 from trainer.metrics import MetricsLogger, peak_flops
-from trainer.models.llama import Transformer, flops_per_token, get_model_args
+from trainer.models.llama import Transformer, flops_per_token, get_model_args, num_params
 from trainer.optim import build_lr_scheduler, build_optimizer, clip_grad_norm_
 from trainer.parallel import parallelize
 from trainer.parallel.context_parallel import cp_context, setup_context_parallel
 from trainer.parallel.init_weights import init_weights
+from trainer.parallel.pipeline import ModelPartsView, build_pipeline, plan_pipeline
 from trainer.parallel.tensor_parallel import loss_context
 from trainer.parallel_dims import ParallelDims
 from trainer.validate import Validator, check_validation_layout
@@ -116,6 +117,8 @@ class Trainer:
         self.accum_steps = gradient_accumulation_steps(cfg, self.dims.dp)
         # Every window is full (packed), so the global batch holds a fixed number of tokens.
         self.tokens_per_step = cfg.training.local_batch_size * cfg.training.seq_len * self.accum_steps * self.dims.dp
+        self.pp_plan = (plan_pipeline(cfg.parallelism, cfg.training.local_batch_size, self.model_args.n_layers)
+                        if self.dims.pp > 1 else None)
         if self.dist.world_size > 1:
             self.dims.build_mesh(self.device.type)
 
@@ -131,23 +134,35 @@ class Trainer:
         except (ValueError, FileNotFoundError) as e:
             raise ConfigError(f"training.dataset = {cfg.training.dataset!r}: {e}") from None
 
-        # Model: built on meta, parallelized from the outside, then materialized shard by shard.
+        # Model: built on meta, split into pipeline stages, parallelized from the outside, materialized shard by shard.
+        # self.model_parts: what this rank holds, one module per pipeline stage it runs (one part without PP).
+        # self.model: that part when there is only one (no PP, or a single-stage schedule), else None.
         self.param_dtype = resolve_param_dtype(cfg.training.mixed_precision_param, self.device)
         with torch.device("meta"):
             model = Transformer(self.model_args)
-        self.model = parallelize(model, self.dims, cfg, self.param_dtype)
-        init_weights(self.model, self.seed, self.device)
+        self.pipeline = None
+        if self.pp_plan is not None:
+            self.pipeline = build_pipeline(model, self.pp_plan, self.dims, self.device,
+                                           lambda part: parallelize(part, self.dims, cfg, self.param_dtype),
+                                           self.loss_fn)
+            self.model_parts = self.pipeline.model_parts
+        else:
+            self.model_parts = [parallelize(model, self.dims, cfg, self.param_dtype)]
+        for part in self.model_parts:
+            init_weights(part, self.seed, self.device)
+            part.train()
+        self.model = self.model_parts[0] if len(self.model_parts) == 1 else None
+        self.params = [p for part in self.model_parts for p in part.parameters()]
         self.cp_mesh = self.dims.mesh("cp") if self.dims.cp > 1 else None
         if self.cp_mesh is not None:
             setup_context_parallel(self.device.type, cfg.parallelism.context_parallel_load_balance,
                                    cfg.parallelism.context_parallel_rotate_method)
-        self.model.train()
         # Without FSDP there is no MixedPrecisionPolicy to cast parameters, so autocast does it.
         self.autocast = (torch.autocast(self.device.type, dtype=self.param_dtype)
                          if self.param_dtype != torch.float32 and not self.dims.fsdp_enabled
                          else contextlib.nullcontext())
 
-        self.optimizer = build_optimizer(list(self.model.parameters()), cfg.optimizer)
+        self.optimizer = build_optimizer(self.params, cfg.optimizer)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.lr_scheduler, cfg.training.steps)
         self.step, self.tokens_seen = 0, 0
         self.metrics = MetricsLogger(
@@ -158,11 +173,14 @@ class Trainer:
                                     self.metrics, self.autocast,
                                     loss_context=lambda: loss_context(self.dims.loss_parallel_enabled))
                           if cfg.validation.enable else None)
-        self._log(f"model {cfg.model.name} {cfg.model.flavor}: {sum(p.numel() for p in self.model.parameters()):,} "
-                  f"parameters | {self.dims} | accumulation {self.accum_steps} | {self.device} {self.param_dtype}")
+        self._log(f"model {cfg.model.name} {cfg.model.flavor}: {num_params(self.model_args):,} parameters | "
+                  f"{self.dims} | accumulation {self.accum_steps} | {self.device} {self.param_dtype}")
+        if self.pp_plan is not None:
+            self._log(self.pp_plan.describe())
 
         # Checkpoint: now that everything it restores exists, resume (or start from checkpoint.initial_load_path).
-        self.checkpointer = Checkpointer(cfg, self.model, self.optimizer, self.lr_scheduler, self.dataloader, self,
+        # With several stages on this rank, a view of them under the unsplit model's names.
+        self.checkpointer = Checkpointer(cfg, self.model or ModelPartsView(self.model_parts), self.optimizer, self.lr_scheduler, self.dataloader, self,
                                          self.dims, self.model_args, self.device, self._log)
         self.checkpointer.load()
 
@@ -184,24 +202,49 @@ class Trainer:
         if self.dist.should_log:
             print(msg, flush=True)
 
+    def loss_fn(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Token-mean cross-entropy of one micro-batch / accum_steps: summed over micro-steps, the global-batch mean."""
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten()) / self.accum_steps
+
     def forward_backward(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """One micro-batch: loss scaled so that the accumulated gradient is the global-batch mean."""
-        with cp_context(self.cp_mesh, [self.model], inputs, labels):
-            with self.autocast:
-                logits = self.model(inputs)
-            # Under loss parallel the logits are a vocab-sharded DTensor; its backward must run in the context too.
-            with loss_context(self.dims.loss_parallel_enabled):
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten()) / self.accum_steps
+        """One micro-batch: forward, loss, backward (through the pipeline schedule with PP); returns the loss.
+
+        Context parallel shards inputs, labels and RoPE tables for the duration; under loss parallel the logits are
+        a vocab-sharded DTensor, whose loss and backward must run inside loss_parallel too.
+        """
+        with cp_context(self.cp_mesh, self.model_parts, inputs, labels), loss_context(self.dims.loss_parallel_enabled):
+            if self.pipeline is not None:
+                with self.autocast:  # the schedule runs forward and backward inside
+                    loss = self.pipeline_step(inputs, labels)
+            else:
+                with self.autocast:
+                    logits = self.model(inputs)
+                loss = self.loss_fn(logits, labels)
                 loss.backward()
         loss = loss.detach()
         # A loss-parallel loss is a DTensor replicated over tp: every tp rank's local value is the whole loss.
         return loss.to_local() if isinstance(loss, DTensor) else loss
 
+    def pipeline_step(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The schedule cuts the micro-batch into pipeline microbatches: the first stage is fed the tokens, the last
+        computes the loss. Other ranks return 0; global_loss fetches the real one."""
+        pipeline, losses = self.pipeline, []
+        pipeline.schedule.step(*([inputs] if pipeline.has_first_stage else []),
+                               target=labels if pipeline.has_last_stage else None, losses=losses,
+                               return_outputs=False)
+        return torch.stack(losses).sum() if losses else torch.zeros((), device=self.device)
+
     def train_step(self, batches) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step over `accum_steps` micro-batches; returns (local loss, global grad norm), on device."""
+        """One optimizer step over `accum_steps` micro-batches; returns (local loss, global grad norm), on device.
+
+        With PP the loss is only known on the last stage (0 elsewhere until global_loss broadcasts it)."""
         self.optimizer.zero_grad(set_to_none=True)
         loss = sum(self.forward_backward(inputs.to(self.device), labels.to(self.device)) for inputs, labels in batches)
-        grad_norm = clip_grad_norm_(list(self.model.parameters()), self.cfg.training.max_norm)
+        if self.pipeline:
+            self.pipeline.sync_tied_grads()
+        grad_norm = clip_grad_norm_(self.params, self.cfg.training.max_norm,
+                                    pp_group=self.pipeline.group if self.pipeline else None,
+                                    norm_skip=self.pipeline.norm_skip if self.pipeline else ())
         self.optimizer.step()
         self.lr_scheduler.step()
         self.step += 1
@@ -209,9 +252,14 @@ class Trainer:
         return loss, grad_norm
 
     def global_loss(self, loss: torch.Tensor) -> tuple[float, float]:
-        """(mean, max) of the loss over data-parallel ranks: one all-gather, only on logging steps."""
+        """(mean, max) of the loss over data-parallel ranks: one all-gather, only on logging steps.
+
+        With PP every rank gets the last stage's loss first (a broadcast over the pp group)."""
         if not self.dims.meshes:
             return loss.item(), loss.item()
+        if self.pipeline:
+            loss = loss.clone()
+            dist.broadcast(loss, group=self.pipeline.group, group_src=self.pipeline.plan.last_stage_rank)
         mesh = self.dims.mesh("dp_cp")
         gathered = torch.empty(mesh.size(), dtype=loss.dtype, device=loss.device)
         dist.all_gather_into_tensor(gathered, loss.reshape(1), group=mesh.get_group())
@@ -239,7 +287,7 @@ class Trainer:
                 window_start, data_time, tokens, window_steps = time.perf_counter(), 0.0, 0, 0
             if self.validator is not None and self.validator.should_validate(self.step):
                 val_start = time.perf_counter()
-                self.validator.validate([self.model], self.step)
+                self.validator.validate(self.model_parts, self.step)
                 window_start += time.perf_counter() - val_start  # validation time is no training throughput
             if self.checkpointer.stop_requested():  # SIGTERM/SIGINT on any rank: save this step and stop
                 self.checkpointer.save(self.step, force=True)

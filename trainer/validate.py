@@ -78,6 +78,9 @@ def check_validation_layout(cfg: JobConfig, dims: ParallelDims) -> None:
     """Checks of [validation] against the parallel layout (DRY_RUN and the Trainer); ConfigError if one fails."""
     if not cfg.validation.enable:
         return
+    if dims.pp > 1:
+        raise ConfigError("validation.enable = true with pipeline_parallel_degree > 1: validation does not run "
+                          "through the pipeline schedule yet; disable one of them")
     seq_len = validation_data(cfg).seq_len
     if dims.cp > 1 and seq_len % (2 * dims.cp):
         raise ConfigError(f"validation.seq_len = {seq_len} is not divisible by 2 x context_parallel_degree = "

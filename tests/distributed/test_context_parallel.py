@@ -17,7 +17,13 @@ LAYOUTS = {
                               "training.local_batch_size": 2}),
     "cp=2 x tp=2": (4, {"parallelism.context_parallel_degree": 2, "parallelism.tensor_parallel_degree": 2,
                         "parallelism.data_parallel_shard_degree": 1}),
+    "pp=2 x cp=2": (4, {"parallelism.context_parallel_degree": 2, "parallelism.pipeline_parallel_degree": 2,
+                        "parallelism.data_parallel_shard_degree": 1}),
 }
+# The full 5-D layout: 16 ranks on a 2-core machine, so slow; it still runs in CI.
+FIVE_D = (16, {"parallelism.pipeline_parallel_degree": 2, "parallelism.data_parallel_shard_degree": 2,
+               "parallelism.context_parallel_degree": 2, "parallelism.tensor_parallel_degree": 2,
+               "training.local_batch_size": 2})
 
 pytestmark = pytest.mark.distributed
 
@@ -35,4 +41,10 @@ def test_reference_moves(reference):
 def test_layout_matches_single_process(name, reference, tmp_path):
     ranks, spec = LAYOUTS[name]
     spec = {"training.local_batch_size": 4, **spec}
+    check_layout(ranks, spec, reference, tmp_path / "run.pt")
+
+
+@pytest.mark.slow
+def test_five_d_layout_matches_single_process(reference, tmp_path):
+    ranks, spec = FIVE_D
     check_layout(ranks, spec, reference, tmp_path / "run.pt")

@@ -76,7 +76,24 @@ class Parallelism:
     """With tensor parallel: overlap its collectives with the matmuls around them (inductor micro-pipeline TP).
     Needs CUDA and torch.compile."""
     pipeline_parallel_degree: int = 1
-    """Pipeline-parallel degree (not available yet in this version: must be 1)."""
+    """Pipeline-parallel degree: ranks the model's layers are split over (torch.distributed.pipelining)."""
+    pipeline_parallel_schedule: str = "1F1B"
+    """Pipeline schedule: GPipe or 1F1B (one stage per rank); Interleaved1F1B, LoopedBFS or InterleavedZeroBubble
+    (looped: rank r runs stages r, r + pp, ...); ZBVZeroBubble or DualPipeV (V-shaped: exactly 2 stages per rank,
+    rank r runs stages r and 2 x pp - 1 - r). Names are case-insensitive."""
+    pipeline_parallel_microbatch_size: int = 1
+    """Sequences per pipeline microbatch; training.local_batch_size / this = microbatches per schedule step."""
+    pipeline_parallel_layers_per_stage: int | None = None
+    """Transformer layers per stage (the embedding and the output count as first/last_stage_less_layers layers);
+    sets the number of stages. None: one stage per rank for single-stage schedules, two for the others."""
+    pipeline_parallel_first_stage_less_layers: int = 1
+    """Layers' worth of work the token embedding counts for: the first stage gets this many fewer layers."""
+    pipeline_parallel_last_stage_less_layers: int = 1
+    """Layers' worth of work the final norm + output projection count for: the last stage gets this many fewer."""
+    module_fqns_per_model_part: list[list[str]] | None = None
+    """Explicit split, one list of module names per stage, e.g. [["tok_embeddings", "layers.0"], ["layers.1",
+    "norm", "output"]]; every module once, in model order. Overrides the three keys above. On the CLI give it
+    in TOML syntax."""
     context_parallel_degree: int = 1
     """Context-parallel degree: each sequence is split over this many ranks and attention runs as a ring."""
     context_parallel_load_balance: bool = True

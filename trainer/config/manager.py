@@ -68,7 +68,12 @@ def _coerce(key: str, value, tp, from_cli: bool):
             return None
         return _coerce(key, value, inner[0], from_cli)
     if origin is list:
-        if from_cli and isinstance(value, str):
+        if from_cli and isinstance(value, str) and value.lstrip().startswith("["):  # nested lists: TOML syntax
+            try:
+                value = tomllib.loads(f"v = {value}")["v"]
+            except tomllib.TOMLDecodeError:
+                raise ConfigError(f"{key} = {value!r}: not a valid TOML list, e.g. [[\"a\", \"b\"], [\"c\"]]") from None
+        elif from_cli and isinstance(value, str):
             value = [v for v in value.split(",") if v != ""]
         if not isinstance(value, list):
             raise ConfigError(f"{key} = {value!r}: expected a list of {_type_name(args[0])}")
@@ -213,9 +218,20 @@ def validate(cfg: JobConfig) -> None:
            f"parallelism.data_parallel_shard_degree = {p.data_parallel_shard_degree} must be -1 (the rest) or >= 1")
     _check(t.global_batch_size == -1 or t.global_batch_size >= 1,
            f"training.global_batch_size = {t.global_batch_size} must be -1 (local x dp) or >= 1")
-    for key, value in (("parallelism.pipeline_parallel_degree", p.pipeline_parallel_degree),):
-        _check(value == 1, f"{key} = {value}: this parallelism has not landed in this version yet; set it to 1")
     _one_of("parallelism.context_parallel_rotate_method", p.context_parallel_rotate_method, ("allgather", "alltoall"))
+    _check(p.pipeline_parallel_microbatch_size >= 1,
+           f"parallelism.pipeline_parallel_microbatch_size = {p.pipeline_parallel_microbatch_size} must be >= 1")
+    _check(p.pipeline_parallel_layers_per_stage is None or p.pipeline_parallel_layers_per_stage >= 1,
+           f"parallelism.pipeline_parallel_layers_per_stage = {p.pipeline_parallel_layers_per_stage} must be >= 1 "
+           f"(or left unset)")
+    for key, value in (("parallelism.pipeline_parallel_first_stage_less_layers",
+                        p.pipeline_parallel_first_stage_less_layers),
+                       ("parallelism.pipeline_parallel_last_stage_less_layers",
+                        p.pipeline_parallel_last_stage_less_layers)):
+        _check(value >= 0, f"{key} = {value} must be >= 0")
+    _check(p.pipeline_parallel_degree == 1 or t.local_batch_size % p.pipeline_parallel_microbatch_size == 0,
+           f"training.local_batch_size = {t.local_batch_size} is not a multiple of "
+           f"parallelism.pipeline_parallel_microbatch_size = {p.pipeline_parallel_microbatch_size}; make it one")
     _one_of("training.mixed_precision_param", t.mixed_precision_param, ("auto", "float32", "bfloat16"))
     _one_of("training.mixed_precision_reduce", t.mixed_precision_reduce, ("float32", "bfloat16"))
     _one_of("parallelism.fsdp_reshard_after_forward", p.fsdp_reshard_after_forward, ("default", "always", "never"))

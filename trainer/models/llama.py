@@ -127,6 +127,9 @@ FLAVORS: dict[str, dict[str, ModelArgs]] = {
         "360M": ModelArgs(dim=960, n_layers=32, n_heads=15, n_kv_heads=5, ffn_hidden=2560, **_SMOLLM),
         "1.7B": ModelArgs(dim=2048, n_layers=24, n_heads=32, n_kv_heads=32, ffn_hidden=8192, rope_theta=130000.0,
                           **_SMOLLM),
+        # 1.7B's first 5 layers: its layer shapes at a size one test machine holds (configs/smollm_1.7b_3d.toml).
+        "1.7B-5L": ModelArgs(dim=2048, n_layers=5, n_heads=32, n_kv_heads=32, ffn_hidden=8192, rope_theta=130000.0,
+                             **_SMOLLM),
     },
 }
 

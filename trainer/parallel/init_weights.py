@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from trainer.models.llama import param_generator
+from trainer.models.llama import canonical_param_name, param_generator
 
 
 def _shared_parameters(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module, str]]:
@@ -57,6 +57,10 @@ def init_weights(model: nn.Module, seed: int, device: torch.device) -> None:
     """Move `model` off the meta device onto `device` and initialize parameters and buffers in place."""
     materialize(model, device)
     for name, param in model.named_parameters():
+        # A tied output matrix is the embedding by another name: a last pipeline stage that holds only `output`
+        # must draw what the unsplit model draws for tok_embeddings.weight.
+        if model.args.tie_word_embeddings and canonical_param_name(name) == "output.weight":
+            name = "tok_embeddings.weight"
         full = torch.empty(param.shape, dtype=param.dtype, device=device)
         model.init_param_(name, full, param_generator(seed, name, device))
         copy_full_(param, full)
