@@ -16,6 +16,7 @@ import torch.distributed as dist
 from trainer.config import ConfigError, JobConfig, help_text, load_config
 from trainer.models.llama import Transformer, flops_per_token, num_params
 from trainer.parallel import parallelize
+from trainer.parallel.compile import check_compile_supported
 from trainer.parallel_dims import ParallelDims
 from trainer.torch_private import init_fake_process_group
 from trainer.train import build_model_args, gradient_accumulation_steps
@@ -32,16 +33,25 @@ def _fmt_config(cfg: JobConfig) -> str:
     return "\n".join(lines)
 
 
-def activation_bytes(args, tokens: int, bytes_per_el: int) -> int:
-    """Rough bytes of activations saved for backward on one rank (no activation checkpointing).
+def activation_bytes(args, tokens: int, bytes_per_el: int, ac_mode: str = "none", selective_ac_option: str = "2") -> int:
+    """Rough bytes of activations saved for backward on one rank, with activation checkpointing as configured.
 
-    Per layer and token: norm inputs/outputs and attention in/out (~7 x dim), k/v (2 x kv dim), the SwiGLU
-    intermediates (4 x hidden); plus the logits in the compute dtype and their fp32 copy for the loss.
+    Per layer and token a block keeps: norm inputs/outputs and attention in/out (~7 x dim), k/v (2 x kv dim), the
+    SwiGLU intermediates (4 x hidden). A checkpointed block keeps only its input (dim), and in backward one block
+    at a time is recomputed in full; "op" keeps the matmul and attention outputs. Plus the logits in the compute
+    dtype and their fp32 copy for the loss.
     """
     kv_dim = (args.n_kv_heads or args.n_heads) * args.head_dim
-    per_token_layer = 7 * args.dim + 2 * kv_dim + 4 * args.ffn_hidden_dim
+    full = 7 * args.dim + 2 * kv_dim + 4 * args.ffn_hidden_dim
+    if ac_mode == "selective" and selective_ac_option == "op":
+        kept = args.n_layers * (5 * args.dim + 2 * kv_dim + 2 * args.ffn_hidden_dim)
+    else:
+        every = {"none": 0, "full": 1}.get(ac_mode)
+        every = int(selective_ac_option) if every is None else every
+        n_ckpt = args.n_layers // every if every else 0
+        kept = (args.n_layers - n_ckpt) * full + n_ckpt * args.dim + (full if n_ckpt else 0)
     logits = tokens * args.vocab_size * (bytes_per_el + 4)
-    return tokens * args.n_layers * per_token_layer * bytes_per_el + logits
+    return tokens * kept * bytes_per_el + logits
 
 
 def dry_run(cfg: JobConfig, world_size: int) -> str:
@@ -50,6 +60,7 @@ def dry_run(cfg: JobConfig, world_size: int) -> str:
     dims = ParallelDims.resolve(cfg.parallelism, world_size)
     dims.validate_model(args, cfg.training.seq_len)
     accum = gradient_accumulation_steps(cfg, dims.dp)
+    check_compile_supported(cfg, device_type=None)  # the training host's device is not known here
     param_dtype = torch.bfloat16 if cfg.training.mixed_precision_param == "bfloat16" else torch.float32
     init_fake_process_group(rank=0, world_size=world_size)
     try:
@@ -64,7 +75,8 @@ def dry_run(cfg: JobConfig, world_size: int) -> str:
     # fp32 master weights + fp32 gradients + two fp32 Adam moments, each sharded like the parameters.
     state = local * 4 * 4
     tokens = cfg.training.local_batch_size * cfg.training.seq_len // dims.cp
-    act = activation_bytes(args, tokens, 2 if param_dtype == torch.bfloat16 else 4)
+    ac = cfg.activation_checkpoint
+    act = activation_bytes(args, tokens, 2 if param_dtype == torch.bfloat16 else 4, ac.mode, ac.selective_ac_option)
     return "\n".join([
         _fmt_config(cfg),
         f"mesh: {world_size} ranks = pp {dims.pp} x dp_replicate {dims.dp_replicate} x dp_shard {dims.dp_shard} x "

@@ -21,6 +21,7 @@ from trainer.metrics import MetricsLogger, peak_flops
 from trainer.models.llama import Transformer, flops_per_token, get_model_args
 from trainer.optim import build_lr_scheduler, build_optimizer, clip_grad_norm_
 from trainer.parallel import parallelize
+from trainer.parallel.compile import check_compile_supported, maybe_compile_loss
 from trainer.parallel.init_weights import init_weights
 from trainer.parallel_dims import ParallelDims
 
@@ -55,6 +56,19 @@ def build_model_args(cfg: JobConfig):
     return args
 
 
+def cross_entropy_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the micro-batch, computed in fp32."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+
+
+def feature_summary(cfg: JobConfig) -> str:
+    """Activation checkpointing and compile settings for the start-up line."""
+    ac, c = cfg.activation_checkpoint, cfg.compile
+    ac_text = f"selective {ac.selective_ac_option}" if ac.mode == "selective" else ac.mode
+    compile_text = f"{'+'.join(c.components)} ({c.backend})" if c.enable and c.components else "off"
+    return f"activation checkpointing {ac_text} | compile {compile_text}"
+
+
 class Trainer:
     def __init__(self, cfg: JobConfig):
         self.cfg = cfg
@@ -70,6 +84,7 @@ class Trainer:
         self.model_args = build_model_args(cfg)
         self.dims = ParallelDims.resolve(cfg.parallelism, self.dist.world_size)
         self.dims.validate_model(self.model_args, cfg.training.seq_len)
+        check_compile_supported(cfg, self.device.type)
         self.accum_steps = gradient_accumulation_steps(cfg, self.dims.dp)
         if self.dist.world_size > 1:
             self.dims.build_mesh(self.device.type)
@@ -92,6 +107,7 @@ class Trainer:
         self.model = parallelize(model, self.dims, cfg, self.param_dtype)
         init_weights(self.model, self.seed, self.device)
         self.model.train()
+        self.loss_fn = maybe_compile_loss(cross_entropy_loss, cfg)
         # Without FSDP there is no MixedPrecisionPolicy to cast parameters, so autocast does it.
         self.autocast = (torch.autocast(self.device.type, dtype=self.param_dtype)
                          if self.param_dtype != torch.float32 and not self.dims.fsdp_enabled
@@ -105,7 +121,8 @@ class Trainer:
             peak_flops(self.device, self.param_dtype, cfg.metrics.peak_flops), enabled=self.dist.should_log,
             tokens_divisor=self.dims.tp * self.dims.cp * self.dims.pp)
         self._log(f"model {cfg.model.name} {cfg.model.flavor}: {sum(p.numel() for p in self.model.parameters()):,} "
-                  f"parameters | {self.dims} | accumulation {self.accum_steps} | {self.device} {self.param_dtype}")
+                  f"parameters | {self.dims} | accumulation {self.accum_steps} | {self.device} {self.param_dtype} | "
+                  f"{feature_summary(cfg)}")
 
     def _tokenizer(self) -> Tokenizer:
         try:
@@ -126,7 +143,7 @@ class Trainer:
         """One micro-batch: loss scaled so that the accumulated gradient is the global-batch mean."""
         with self.autocast:
             logits = self.model(inputs)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten()) / self.accum_steps
+        loss = self.loss_fn(logits, labels) / self.accum_steps
         loss.backward()
         return loss.detach()
 

@@ -4,12 +4,18 @@ import torch
 from torch import nn
 
 from trainer.config import JobConfig
+from trainer.parallel.activation_checkpoint import apply_activation_checkpointing
+from trainer.parallel.compile import apply_compile
 from trainer.parallel.fsdp import apply_fsdp
 from trainer.parallel_dims import ParallelDims
 
 
 def parallelize(model: nn.Module, dims: ParallelDims, cfg: JobConfig, param_dtype: torch.dtype) -> nn.Module:
     """Apply, in torchtitan's order, TP -> CP -> activation checkpointing -> compile -> FSDP to a meta model."""
+    ac = cfg.activation_checkpoint
+    apply_activation_checkpointing(model, ac.mode, ac.selective_ac_option)
+    if cfg.compile.enable and "model" in cfg.compile.components:
+        apply_compile(model, cfg.compile.backend)
     if dims.fsdp_enabled:
         apply_fsdp(model, dims.mesh("fsdp"), param_dtype=param_dtype,
                    reduce_dtype=getattr(torch, cfg.training.mixed_precision_reduce),
