@@ -42,3 +42,18 @@ def init_fake_process_group(rank: int, world_size: int) -> None:
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+
+
+def record_cuda_memory_history(enabled: bool, max_entries: int = 100_000) -> None:
+    """Start (or stop) recording CUDA allocator events with stack traces for memory snapshots (private in 2.13;
+    absent from CPU builds)."""
+    import torch
+
+    torch.cuda.memory._record_memory_history("all" if enabled else None, max_entries=max_entries)
+
+
+def dump_cuda_memory_snapshot(path: str) -> None:
+    """Write the recorded CUDA allocator history as a pickle for pytorch.org/memory_viz (private in 2.13)."""
+    import torch
+
+    torch.cuda.memory._dump_snapshot(path)

@@ -24,6 +24,7 @@ from trainer.parallel import parallelize
 from trainer.parallel.compile import check_compile_supported, maybe_compile_loss
 from trainer.parallel.init_weights import init_weights
 from trainer.parallel_dims import ParallelDims
+from trainer.profiling import maybe_profile
 
 
 def resolve_param_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -167,25 +168,29 @@ class Trainer:
         return gathered.mean().item(), gathered.max().item()
 
     def train(self) -> None:
-        """The training loop: data, step, log, garbage collection."""
+        """The training loop: data, step, profile, log, garbage collection."""
         cfg = self.cfg.training
         data_iter = iter(self.dataloader)
         gc.disable()  # collections at random times stall ranks at different moments; collect on a schedule instead
         window_start, data_time, tokens, window_steps = time.perf_counter(), 0.0, 0, 0
-        while self.step < cfg.steps:
-            t0 = time.perf_counter()
-            batches = [next(data_iter) for _ in range(self.accum_steps)]
-            data_time += time.perf_counter() - t0
-            tokens += sum(inputs.numel() for inputs, _ in batches)
-            loss, grad_norm = self.train_step(batches)
-            window_steps += 1
-            if self.step % cfg.gc_freq == 0:
-                gc.collect(1)
-            if self.step == 1 or self.step % self.cfg.metrics.log_freq == 0 or self.step == cfg.steps:
-                loss_avg, loss_max = self.global_loss(loss)
-                self.metrics.log(self.step, loss_avg, loss_max, grad_norm.item(), self.lr_scheduler.get_last_lr()[0],
-                                 tokens, time.perf_counter() - window_start, data_time, window_steps)
-                window_start, data_time, tokens, window_steps = time.perf_counter(), 0.0, 0, 0
+        with maybe_profile(self.cfg, self.dist.rank, self.device, self.step, log=self._log) as profiler:
+            while self.step < cfg.steps:
+                t0 = time.perf_counter()
+                batches = [next(data_iter) for _ in range(self.accum_steps)]
+                data_time += time.perf_counter() - t0
+                tokens += sum(inputs.numel() for inputs, _ in batches)
+                loss, grad_norm = self.train_step(batches)
+                window_steps += 1
+                profiler.step()
+                if self.step % cfg.gc_freq == 0:
+                    gc.collect(1)
+                if self.step == 1 or self.step % self.cfg.metrics.log_freq == 0 or self.step == cfg.steps:
+                    # Reading loss and grad norm waits for the device: only on logging steps.
+                    loss_avg, loss_max = self.global_loss(loss)
+                    self.metrics.log(self.step, loss_avg, loss_max, grad_norm.item(),
+                                     self.lr_scheduler.get_last_lr()[0], tokens, time.perf_counter() - window_start,
+                                     data_time, window_steps)
+                    window_start, data_time, tokens, window_steps = time.perf_counter(), 0.0, 0, 0
         self._log(f"training done after {self.step} steps")
 
     def close(self) -> None:
