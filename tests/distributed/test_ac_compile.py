@@ -29,8 +29,9 @@ FEATURES = {  # name -> (overrides, tolerance against eager, slow: cold compile 
 MATRIX = {f"{feature}, {layout}": (layout, spec, tol, slow)
           for feature, (spec, tol, slow) in FEATURES.items() for layout in LAYOUTS}
 # Both together under FSDP: checkpointing is applied first and compile traces through it.
-MATRIX["compile + selective AC op, dp_shard=2"] = ("dp_shard=2", {**SELECTIVE_OP, "compile.enable": True},
-                                                   COMPILED, True)
+for feature in ("full AC", "selective AC op"):
+    MATRIX[f"compile + {feature}, dp_shard=2"] = ("dp_shard=2", {**FEATURES[feature][0], "compile.enable": True},
+                                                  COMPILED, True)
 
 pytestmark = pytest.mark.distributed
 

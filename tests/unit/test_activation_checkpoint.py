@@ -79,3 +79,17 @@ def test_recomputation_per_mode():
     assert _backward_flops(_model("selective", "2"), tokens) - plain == TINY.n_layers // 2 * rerun_per_block
     # "op" keeps every matmul and attention output: it reruns only the cheap ops (norms, RoPE, gating).
     assert _backward_flops(_model("selective", "op"), tokens) == plain
+
+
+@pytest.mark.parametrize("name", MODES)
+def test_traces_under_compile(name):
+    # Dynamo must trace each mode's checkpoint (the graph is the same for every backend; aot_eager skips codegen).
+    tokens = torch.randint(0, TINY.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    ref_loss, ref_grads = _loss_and_grads(_model(), tokens)
+    model = _model(*MODES[name])
+    apply_compile(model, "aot_eager")
+    torch._dynamo.reset()
+    loss, grads = _loss_and_grads(model, tokens)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=0)
+    for pname, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[pname], rtol=1e-5, atol=1e-7, msg=pname)

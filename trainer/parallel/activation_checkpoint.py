@@ -19,7 +19,7 @@ import functools
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts, noop_context_fn
+from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
 # Ops whose outputs "op" keeps: matmuls and every SDPA backend, the CPU one included.
 _SAVE_OPS = [
@@ -39,11 +39,13 @@ def save_matmuls_and_attention():
 class _CheckpointedForward:
     """Mixed in front of a block's own class: the block's forward runs under torch.utils.checkpoint."""
 
-    _ac_context_fn = staticmethod(noop_context_fn)
+    _ac_context_fn = None  # None: keep only the inputs; else a selective policy's context functions
 
     def forward(self, *args, **kwargs):
-        # Non-reentrant: works with kwargs, with FSDP2's hooks around the block and under torch.compile.
-        return checkpoint(super().forward, *args, use_reentrant=False, context_fn=self._ac_context_fn, **kwargs)
+        # Non-reentrant: works with kwargs, with FSDP2's hooks around the block and under torch.compile. Pass
+        # context_fn only when selective: torch.compile (2.13) rejects an explicit noop_context_fn.
+        selective = {} if self._ac_context_fn is None else {"context_fn": self._ac_context_fn}
+        return checkpoint(super().forward, *args, use_reentrant=False, **selective, **kwargs)
 
 
 @functools.cache
@@ -51,7 +53,7 @@ def _checkpointed_class(cls: type) -> type:
     return type(f"Checkpointed{cls.__name__}", (_CheckpointedForward, cls), {})
 
 
-def checkpoint_module(module: nn.Module, context_fn=noop_context_fn) -> None:
+def checkpoint_module(module: nn.Module, context_fn=None) -> None:
     """Make `module` checkpoint its forward, in place; `context_fn` as for torch.utils.checkpoint (selective)."""
     module.__class__ = _checkpointed_class(type(module))
     module._ac_context_fn = context_fn
