@@ -17,6 +17,7 @@ from trainer.checkpoint_files import plan_load
 from trainer.config import ConfigError, JobConfig, help_text, load_config
 from trainer.models.llama import Transformer, flops_per_token, num_params
 from trainer.parallel import parallelize
+from trainer.parallel.compile import check_compile_supported
 from trainer.parallel.pipeline import build_pipeline, plan_pipeline
 from trainer.parallel_dims import ParallelDims, device_type
 from trainer.torch_private import init_fake_process_group
@@ -36,21 +37,30 @@ def _fmt_config(cfg: JobConfig) -> str:
 
 
 def activation_bytes(args, tokens: int, bytes_per_el: int, tp: int = 1, loss_parallel: bool = False,
-                     n_layers: int | None = None, logits: bool = True) -> int:
-    """Rough bytes of activations saved for backward on one rank (no activation checkpointing).
+                     n_layers: int | None = None, logits: bool = True, ac_mode: str = "none",
+                     selective_ac_option: str = "2") -> int:
+    """Rough bytes of activations saved for backward on one rank.
 
-    Per layer and token: norm inputs/outputs and attention in/out (~7 x dim), k/v (2 x kv dim), the SwiGLU
-    intermediates (4 x hidden); plus the logits in the compute dtype and their fp32 copy for the loss. Tensor
-    parallel splits all of it over tp except the two sequence-gathered norm outputs the column-wise layers
-    keep, and the logits only under loss parallel. A pipeline rank passes the layers it holds, and logits=False
-    unless it holds the output.
+    Per layer and token a block keeps: norm inputs/outputs and attention in/out (~7 x dim), k/v (2 x kv dim), the
+    SwiGLU intermediates (4 x hidden). Tensor parallel splits all of it over tp except the two sequence-gathered
+    norm outputs the column-wise layers keep. A checkpointed block keeps only its input, and in backward one block
+    at a time is recomputed in full; "op" keeps the matmul and attention outputs. Plus the logits in the compute
+    dtype and their fp32 copy for the loss (split over tp under loss parallel). A pipeline rank passes the layers
+    it holds, and logits=False unless it holds the output.
     """
     kv_dim = (args.n_kv_heads or args.n_heads) * args.head_dim
     gathered = 2 * args.dim if tp > 1 else 0
-    per_token_layer = gathered + (7 * args.dim - gathered + 2 * kv_dim + 4 * args.ffn_hidden_dim) / tp
-    logit_bytes = tokens * args.vocab_size * (bytes_per_el + 4) / (tp if loss_parallel else 1) if logits else 0
+    full = gathered + (7 * args.dim - gathered + 2 * kv_dim + 4 * args.ffn_hidden_dim) / tp
     layers = args.n_layers if n_layers is None else n_layers
-    return int(tokens * layers * per_token_layer * bytes_per_el + logit_bytes)
+    if ac_mode == "selective" and selective_ac_option == "op":
+        kept = layers * (gathered + (5 * args.dim - gathered + 2 * kv_dim + 2 * args.ffn_hidden_dim) / tp)
+    else:
+        every = {"none": 0, "full": 1}.get(ac_mode)
+        every = int(selective_ac_option) if every is None else every
+        n_ckpt = layers // every if every else 0
+        kept = (layers - n_ckpt) * full + n_ckpt * args.dim / tp + (full if n_ckpt else 0)
+    logit_bytes = tokens * args.vocab_size * (bytes_per_el + 4) / (tp if loss_parallel else 1) if logits else 0
+    return int(tokens * kept * bytes_per_el + logit_bytes)
 
 
 def dry_run(cfg: JobConfig, world_size: int, require_assets: bool = False) -> str:
@@ -75,6 +85,7 @@ def dry_run(cfg: JobConfig, world_size: int, require_assets: bool = False) -> st
             raise
         notes.append(f"note: {e} (needed before training, not for this dry run)")
     load = plan_load(cfg)
+    check_compile_supported(cfg, device_type=None)  # the training host's device is not known here
     param_dtype = torch.bfloat16 if cfg.training.mixed_precision_param == "bfloat16" else torch.float32
     init_fake_process_group(rank=0, world_size=world_size)
     try:
@@ -96,9 +107,11 @@ def dry_run(cfg: JobConfig, world_size: int, require_assets: bool = False) -> st
     state = local * 4 * 4
     # With PP this is an upper bound: it counts every microbatch in flight at once, as GPipe has them.
     tokens = cfg.training.local_batch_size * cfg.training.seq_len // dims.cp
+    ac = cfg.activation_checkpoint
     act = activation_bytes(args, tokens, 2 if param_dtype == torch.bfloat16 else 4, dims.tp,
                            dims.loss_parallel_enabled, n_layers=sum(len(part.layers) for part in parts),
-                           logits=any(part.output is not None for part in parts))
+                           logits=any(part.output is not None for part in parts), ac_mode=ac.mode,
+                           selective_ac_option=ac.selective_ac_option)
     return "\n".join([
         _fmt_config(cfg),
         f"mesh: {world_size} ranks = pp {dims.pp} x dp_replicate {dims.dp_replicate} x dp_shard {dims.dp_shard} x "

@@ -100,7 +100,8 @@ class MetricsLogger:
         mem_txt = f"{mem:.2f}GiB" + (f"({mem_pct:.1f}%)" if mem_pct is not None else "")
         print(f"{c[0]}step: {step:>5}  {c[1]}loss: {loss_avg:8.4f}  {c[2]}grad_norm: {grad_norm:7.4f}  "
               f"lr: {lr:.2e}  {c[3]}memory: {mem_txt}  {c[4]}tps: {tps:,.0f}  tflops: {flops / 1e12:.3f}  "
-              f"mfu: {100 * flops / self.peak:.2f}%{c[5]}", flush=True)
+              f"mfu: {100 * flops / self.peak:.2f}%  {c[1]}time: {elapsed / steps:.3f}s/step "
+              f"(data {100 * data_time / elapsed:.1f}%){c[5]}", flush=True)
         return scalars
 
     def log_validation(self, step: int, loss: float, perplexity: float, tokens: int, batches: int,

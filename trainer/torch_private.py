@@ -106,3 +106,18 @@ def set_context_parallel_options(load_balance: bool, rotate_method: str) -> None
     cp = _cp_attention_module()
     cp._cp_options.enable_load_balance = load_balance
     cp.set_rotate_method(rotate_method)
+
+
+def record_cuda_memory_history(enabled: bool, max_entries: int = 100_000) -> None:
+    """Start (or stop) recording CUDA allocator events with stack traces for memory snapshots (private in 2.13;
+    absent from CPU builds)."""
+    import torch
+
+    torch.cuda.memory._record_memory_history("all" if enabled else None, max_entries=max_entries)
+
+
+def dump_cuda_memory_snapshot(path: str) -> None:
+    """Write the recorded CUDA allocator history as a pickle for pytorch.org/memory_viz (private in 2.13)."""
+    import torch
+
+    torch.cuda.memory._dump_snapshot(path)

@@ -26,11 +26,13 @@ from trainer.models.llama import Transformer, flops_per_token, get_model_args, n
 from trainer.optim import build_lr_scheduler, build_optimizer, clip_grad_norm_
 from trainer.parallel import parallelize
 from trainer.parallel.context_parallel import cp_context, setup_context_parallel
+from trainer.parallel.compile import check_compile_supported, maybe_compile_loss
 from trainer.parallel.init_weights import init_weights
 from trainer.parallel.pipeline import ModelPartsView, build_pipeline, plan_pipeline
 from trainer.parallel.tensor_parallel import loss_context
 from trainer.parallel_dims import ParallelDims
 from trainer.validate import Validator, check_validation_layout
+from trainer.profiling import maybe_profile
 
 
 def resolve_param_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -54,13 +56,15 @@ def gradient_accumulation_steps(cfg: JobConfig, dp: int) -> int:
 
 def check_device(cfg: JobConfig, device_type: str) -> None:
     """Checks that depend on the device the run trains on; DRY_RUN checks configs for any machine, so it runs
-    these only for the machine it is on (run_train.sh does so before torchrun)."""
+    these only for the machine it is on (run_train.sh does so before torchrun, the Trainer again)."""
+    check_compile_supported(cfg, device_type)
     if cfg.parallelism.enable_async_tensor_parallel:
         if device_type != "cuda":
             raise ConfigError(f"parallelism.enable_async_tensor_parallel = true needs CUDA (and torch.compile), but "
                               f"this run is on {device_type}; set it to false")
-        raise ConfigError("parallelism.enable_async_tensor_parallel = true needs torch.compile, which has not landed "
-                          "in this version yet; set it to false")
+        if not cfg.compile.enable:
+            raise ConfigError("parallelism.enable_async_tensor_parallel = true needs torch.compile; set "
+                              "compile.enable = true")
 
 
 def build_model_args(cfg: JobConfig):
@@ -95,6 +99,19 @@ def check_dataset(cfg: JobConfig) -> None:
         raise ConfigError(f"training.dataset = {t.dataset!r} is not one of {', '.join(DATASET_NAMES)}")
     if t.dataset_path and not Path(t.dataset_path).exists():
         raise ConfigError(f"training.dataset_path = {t.dataset_path!r} does not exist; point it at a file or folder")
+
+
+def cross_entropy_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the micro-batch, computed in fp32."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+
+
+def feature_summary(cfg: JobConfig) -> str:
+    """Activation checkpointing and compile settings for the start-up line."""
+    ac, c = cfg.activation_checkpoint, cfg.compile
+    ac_text = f"selective {ac.selective_ac_option}" if ac.mode == "selective" else ac.mode
+    compile_text = f"{'+'.join(c.components)} ({c.backend})" if c.enable and c.components else "off"
+    return f"activation checkpointing {ac_text} | compile {compile_text}"
 
 
 class Trainer:
@@ -140,6 +157,7 @@ class Trainer:
         self.param_dtype = resolve_param_dtype(cfg.training.mixed_precision_param, self.device)
         with torch.device("meta"):
             model = Transformer(self.model_args)
+        self.cross_entropy = maybe_compile_loss(cross_entropy_loss, cfg)
         self.pipeline = None
         if self.pp_plan is not None:
             self.pipeline = build_pipeline(model, self.pp_plan, self.dims, self.device,
@@ -174,7 +192,8 @@ class Trainer:
                                     loss_context=lambda: loss_context(self.dims.loss_parallel_enabled))
                           if cfg.validation.enable else None)
         self._log(f"model {cfg.model.name} {cfg.model.flavor}: {num_params(self.model_args):,} parameters | "
-                  f"{self.dims} | accumulation {self.accum_steps} | {self.device} {self.param_dtype}")
+                  f"{self.dims} | accumulation {self.accum_steps} | {self.device} {self.param_dtype} | "
+                  f"{feature_summary(cfg)}")
         if self.pp_plan is not None:
             self._log(self.pp_plan.describe())
 
@@ -204,7 +223,7 @@ class Trainer:
 
     def loss_fn(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Token-mean cross-entropy of one micro-batch / accum_steps: summed over micro-steps, the global-batch mean."""
-        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten()) / self.accum_steps
+        return self.cross_entropy(logits, labels) / self.accum_steps
 
     def forward_backward(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """One micro-batch: forward, loss, backward (through the pipeline schedule with PP); returns the loss.
@@ -266,34 +285,38 @@ class Trainer:
         return gathered.mean().item(), gathered.max().item()
 
     def train(self) -> None:
-        """The training loop: data, step, log, validation, checkpoint, garbage collection."""
+        """The training loop: data, step, profile, log, validation, checkpoint, garbage collection."""
         cfg = self.cfg.training
         data_iter = iter(self.dataloader)  # created after the checkpoint load, so it starts at the saved position
         gc.disable()  # collections at random times stall ranks at different moments; collect on a schedule instead
         window_start, data_time, tokens, window_steps = time.perf_counter(), 0.0, 0, 0
-        while self.step < cfg.steps:
-            t0 = time.perf_counter()
-            batches = [next(data_iter) for _ in range(self.accum_steps)]
-            data_time += time.perf_counter() - t0
-            tokens += sum(inputs.numel() for inputs, _ in batches)
-            loss, grad_norm = self.train_step(batches)
-            window_steps += 1
-            if self.step % cfg.gc_freq == 0:
-                gc.collect(1)
-            if self.step == 1 or self.step % self.cfg.metrics.log_freq == 0 or self.step == cfg.steps:
-                loss_avg, loss_max = self.global_loss(loss)
-                self.metrics.log(self.step, loss_avg, loss_max, grad_norm.item(), self.lr_scheduler.get_last_lr()[0],
-                                 tokens, time.perf_counter() - window_start, data_time, window_steps)
-                window_start, data_time, tokens, window_steps = time.perf_counter(), 0.0, 0, 0
-            if self.validator is not None and self.validator.should_validate(self.step):
-                val_start = time.perf_counter()
-                self.validator.validate(self.model_parts, self.step)
-                window_start += time.perf_counter() - val_start  # validation time is no training throughput
-            if self.checkpointer.stop_requested():  # SIGTERM/SIGINT on any rank: save this step and stop
-                self.checkpointer.save(self.step, force=True)
-                self._log(f"stopped by a signal after step {self.step}; the next run resumes from here")
-                return
-            self.checkpointer.save(self.step)
+        with maybe_profile(self.cfg, self.dist.rank, self.device, self.step, log=self._log) as profiler:
+            while self.step < cfg.steps:
+                t0 = time.perf_counter()
+                batches = [next(data_iter) for _ in range(self.accum_steps)]
+                data_time += time.perf_counter() - t0
+                tokens += sum(inputs.numel() for inputs, _ in batches)
+                loss, grad_norm = self.train_step(batches)
+                window_steps += 1
+                profiler.step()
+                if self.step % cfg.gc_freq == 0:
+                    gc.collect(1)
+                if self.step == 1 or self.step % self.cfg.metrics.log_freq == 0 or self.step == cfg.steps:
+                    # Reading loss and grad norm waits for the device: only on logging steps.
+                    loss_avg, loss_max = self.global_loss(loss)
+                    self.metrics.log(self.step, loss_avg, loss_max, grad_norm.item(),
+                                     self.lr_scheduler.get_last_lr()[0], tokens, time.perf_counter() - window_start,
+                                     data_time, window_steps)
+                    window_start, data_time, tokens, window_steps = time.perf_counter(), 0.0, 0, 0
+                if self.validator is not None and self.validator.should_validate(self.step):
+                    val_start = time.perf_counter()
+                    self.validator.validate(self.model_parts, self.step)
+                    window_start += time.perf_counter() - val_start  # validation time is no training throughput
+                if self.checkpointer.stop_requested():  # SIGTERM/SIGINT on any rank: save this step and stop
+                    self.checkpointer.save(self.step, force=True)
+                    self._log(f"stopped by a signal after step {self.step}; the next run resumes from here")
+                    return
+                self.checkpointer.save(self.step)
         self.checkpointer.save(self.step, last=True)
         self.checkpointer.wait()  # async saves complete before the process exits
         self._log(f"training done after {self.step} steps")

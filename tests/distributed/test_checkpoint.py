@@ -27,6 +27,11 @@ LAYOUTS = {  # name -> (ranks, overrides); every layout reads the global batch o
                  "training.local_batch_size": 4}),
     "cp=2": (2, {"parallelism.context_parallel_degree": 2, "parallelism.data_parallel_shard_degree": 1,
                  "training.local_batch_size": 4}),
+    "pp=2": (2, {"parallelism.pipeline_parallel_degree": 2, "parallelism.data_parallel_shard_degree": 1,
+                 "training.local_batch_size": 4}),
+    "pp=2 Interleaved1F1B": (2, {"parallelism.pipeline_parallel_degree": 2,
+                                 "parallelism.pipeline_parallel_schedule": "Interleaved1F1B",
+                                 "parallelism.data_parallel_shard_degree": 1, "training.local_batch_size": 4}),
     "dp_shard=2 x tp=2": (4, {"parallelism.tensor_parallel_degree": 2, "parallelism.data_parallel_shard_degree": 2,
                               "training.local_batch_size": 2}),
 }
@@ -56,11 +61,15 @@ CASES = {
                                                       rtol=1e-5),
     "tp=2, SIGTERM after step 5": Case("tp=2", ["--signal-at-step", "5"], "tp=2", 5),
     "cp=2, SIGTERM after step 5": Case("cp=2", ["--signal-at-step", "5"], "cp=2", 5),
+    "pp=2, SIGTERM after step 5": Case("pp=2", ["--signal-at-step", "5"], "pp=2", 5),
+    "pp=2 Interleaved1F1B (2 stages per rank) -> dp_shard=2 (reshard)": Case(
+        "pp=2 Interleaved1F1B", ["--signal-at-step", "5"], "dp_shard=2", 5, rtol=1e-5),
     "kill -9 during the async save of step 4": Case(
         "dp_shard=2", ["--kill-at-step", "4", "--slow-writes", "3"], "dp_shard=2", 2,
         {**ASYNC, "checkpoint.interval": 2}),
 }
-SLOW = {"dp_shard=2, from the async save of step 5", "dp_shard=4 -> dp_shard=2 (reshard)", "cp=2, SIGTERM after step 5"}
+SLOW = {"dp_shard=2, from the async save of step 5", "dp_shard=4 -> dp_shard=2 (reshard)", "cp=2, SIGTERM after step 5",
+        "pp=2 Interleaved1F1B (2 stages per rank) -> dp_shard=2 (reshard)"}
 
 
 def overrides(layout: str, settings: dict) -> list[str]:

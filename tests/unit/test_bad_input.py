@@ -116,6 +116,22 @@ CASES = [  # (name, NGPU, toml text or None, CLI args, substrings the one-line e
     ("HF initial_load_path without config.json", 1, None,
      ["--checkpoint.enable", "--checkpoint.initial_load_in_hf", "--checkpoint.initial_load_path", "/nonexistent/hf",
       "--job.dump_folder", "/nonexistent/run"], ["no config.json there", "HF model folder"]),
+    ("bad AC mode", 1, None, ["--activation_checkpoint.mode", "partial"],
+     ["activation_checkpoint.mode = 'partial'", "selective"]),
+    ("bad selective AC option", 1, None, ["--activation_checkpoint.selective_ac_option", "x"],
+     ["activation_checkpoint.selective_ac_option = 'x'", '"op" or a positive integer']),
+    ("selective AC option 0", 1, None, ["--activation_checkpoint.selective_ac_option", "0"],
+     ["selective_ac_option = '0'"]),
+    ("selective AC option unquoted in TOML", 1, "[activation_checkpoint]\nselective_ac_option = 2\n", [],
+     ["activation_checkpoint.selective_ac_option = 2", "quote it"]),
+    ("bad compile component", 1, None, ["--compile.components", "model,optimizer"],
+     ["compile.components = 'optimizer'", "loss"]),
+    ("bad compile backend", 1, None, ["--compile.enable", "--compile.backend", "inductr"],
+     ["compile.backend = 'inductr'", "inductor"]),
+    ("profiler window longer than freq", 1, None, ["--profiling.enable_profiling", "--profiling.profile_freq", "3",
+                                                   "--profiling.profiler_warmup", "3"],
+     ["profiling.profiler_warmup 3 + profiler_active 1 > profile_freq 3"]),
+    ("profile_freq 0", 1, None, ["--profiling.profile_freq", "0"], ["profiling.profile_freq = 0", ">= 1"]),
 ]
 
 
@@ -206,3 +222,12 @@ def test_valid_configs_pass_dry_run(tmp_path):
                                 ("configs/cpu_3d.toml", 8, no_tp)):
         proc = _run(ngpu, ["--job.config_file", config, *extra], tmp_path, None)
         assert proc.returncode == 0 and "dry run OK" in proc.stdout, (config, proc.stderr)
+
+
+def test_gpu_only_features_pass_dry_run_on_cpu(tmp_path):
+    # The dry-run host is not the training host: CUDA memory snapshots and compile are checked where they run.
+    proc = _run(8, ["--job.config_file", "configs/llama3_8b.toml", "--profiling.enable_memory_snapshot",
+                    "--profiling.enable_profiling", "--compile.enable", "--activation_checkpoint.mode", "full"],
+                tmp_path, None)
+    assert proc.returncode == 0 and "dry run OK" in proc.stdout, proc.stderr
+    assert "warning" not in proc.stdout + proc.stderr

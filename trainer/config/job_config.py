@@ -211,6 +211,49 @@ class Checkpoint:
 
 
 @dataclass
+class ActivationCheckpoint:
+    mode: str = "none"
+    """Recompute activations in backward instead of keeping them: none, full (every transformer block keeps only
+    its input) or selective (see selective_ac_option). torchtitan defaults to selective; we default to none, the
+    fastest setting, and the loss is the same either way."""
+    selective_ac_option: str = "2"
+    """With mode = selective: an integer N checkpoints every N-th block (blocks N-1, 2N-1, ... counted by layer id);
+    "op" keeps the outputs of every matmul and attention and recomputes the rest (norms, RoPE, SwiGLU gating)."""
+
+
+@dataclass
+class Compile:
+    enable: bool = False
+    """torch.compile the components below (first step pays the compile time; CPU needs gcc for inductor)."""
+    components: list[str] = field(default_factory=lambda: ["model", "loss"])
+    """What to compile: model (each transformer block in place, so parameter names do not change) and/or loss."""
+    backend: str = "inductor"
+    """torch.compile backend: inductor (generates kernels), or aot_eager / eager to narrow down a compile problem."""
+
+
+@dataclass
+class Profiling:
+    enable_profiling: bool = False
+    """Record torch.profiler traces: one per rank every profile_freq steps, as
+    {dump_folder}/{save_traces_folder}/iteration_N/rankR_trace.json (open in Perfetto or chrome://tracing)."""
+    save_traces_folder: str = "profile_traces"
+    """Trace folder inside job.dump_folder."""
+    profile_freq: int = 10
+    """Steps between traces: steps profile_freq, 2 x profile_freq, ... are recorded."""
+    profiler_warmup: int = 3
+    """Steps the profiler runs unrecorded before each recorded window (the first profiled steps are distorted)."""
+    profiler_active: int = 1
+    """Steps recorded in each window (the window ends at a multiple of profile_freq); warmup + active <=
+    profile_freq."""
+    enable_memory_snapshot: bool = False
+    """CUDA only: record the allocator history and write it every profile_freq steps, and on out-of-memory, as
+    {dump_folder}/{save_memory_snapshot_folder}/iteration_N/rankR_memory_snapshot.pickle (view it at
+    pytorch.org/memory_viz). On CPU a warning says it is unavailable and training goes on."""
+    save_memory_snapshot_folder: str = "memory_snapshot"
+    """Memory snapshot folder inside job.dump_folder."""
+
+
+@dataclass
 class Debug:
     seed: int | None = None
     """Seed for weights, data order and dropout-free RNG use; None picks 0 so runs are reproducible by default."""
@@ -231,4 +274,7 @@ class JobConfig:
     metrics: Metrics = field(default_factory=Metrics)
     validation: Validation = field(default_factory=Validation)
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
+    activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
+    compile: Compile = field(default_factory=Compile)
+    profiling: Profiling = field(default_factory=Profiling)
     debug: Debug = field(default_factory=Debug)

@@ -258,6 +258,19 @@ def validate(cfg: JobConfig) -> None:
     _check(not (v.enable and (v.dataset or t.dataset) == "synthetic" and v.steps == -1),
            "validation.steps = -1 evaluates the whole split, but the synthetic dataset is endless; set "
            "validation.steps to a number of batches")
+    ac, prof = cfg.activation_checkpoint, cfg.profiling
+    _one_of("activation_checkpoint.mode", ac.mode, ("none", "full", "selective"))
+    _check(ac.selective_ac_option == "op" or (ac.selective_ac_option.isdigit() and int(ac.selective_ac_option) >= 1),
+           f"activation_checkpoint.selective_ac_option = {ac.selective_ac_option!r} must be \"op\" or a positive "
+           f"integer N (checkpoint every N-th block), e.g. \"2\"")
+    for component in cfg.compile.components:
+        _one_of("compile.components", component, ("model", "loss"))
+    _check(prof.profile_freq >= 1, f"profiling.profile_freq = {prof.profile_freq} must be >= 1")
+    _check(prof.profiler_warmup >= 0, f"profiling.profiler_warmup = {prof.profiler_warmup} must be >= 0")
+    _check(prof.profiler_active >= 1, f"profiling.profiler_active = {prof.profiler_active} must be >= 1")
+    _check(not prof.enable_profiling or prof.profiler_warmup + prof.profiler_active <= prof.profile_freq,
+           f"profiling.profiler_warmup {prof.profiler_warmup} + profiler_active {prof.profiler_active} > "
+           f"profile_freq {prof.profile_freq}: a window must fit between two traces; lower them or raise profile_freq")
     _validate_checkpoint(cfg.checkpoint)
 
 

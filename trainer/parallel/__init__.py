@@ -4,6 +4,8 @@ import torch
 from torch import nn
 
 from trainer.config import JobConfig
+from trainer.parallel.activation_checkpoint import apply_activation_checkpointing
+from trainer.parallel.compile import apply_compile
 from trainer.parallel.fsdp import apply_fsdp
 from trainer.parallel.tensor_parallel import apply_tensor_parallel
 from trainer.parallel_dims import ParallelDims
@@ -14,6 +16,10 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: JobConfig, param_dtyp
     if dims.tp > 1:
         apply_tensor_parallel(model, dims.mesh("tp"), loss_parallel_enabled=dims.loss_parallel_enabled,
                               async_tp=cfg.parallelism.enable_async_tensor_parallel)
+    ac = cfg.activation_checkpoint
+    apply_activation_checkpointing(model, ac.mode, ac.selective_ac_option)
+    if cfg.compile.enable and "model" in cfg.compile.components:
+        apply_compile(model, cfg.compile.backend)
     if dims.fsdp_enabled:
         apply_fsdp(model, dims.mesh("fsdp"), param_dtype=param_dtype,
                    reduce_dtype=getattr(torch, cfg.training.mixed_precision_reduce),

@@ -1,0 +1,67 @@
+"""Activation checkpointing and torch.compile against eager runs without checkpointing.
+
+Recomputation reruns the same ops on the same inputs, so a checkpointed run must match the eager run of its
+layout to rounding (1e-6; bit-identical in practice); compiled kernels fuse and reorder float math, so compile
+gets 1e-5. Every run must also match the 1-process reference within the data-parallel tolerance (FSDP alone moves
+parameters by ~5e-6 there, which is why the tight check is against the same layout).
+"""
+
+import pytest
+
+from tests.distributed.launch import run_steps
+from tests.distributed.parity import assert_matches_reference, base_overrides, layout_args, reference_run
+
+LAYOUTS = {  # name -> (ranks, overrides); local batch chosen so each has the reference's global batch of 4
+    "1 process": (1, {"training.local_batch_size": 4}),
+    "dp_shard=2": (2, {"parallelism.data_parallel_shard_degree": 2, "training.local_batch_size": 2}),
+}
+RECOMPUTED = {"rtol": 1e-6, "param_atol": 1e-6}
+COMPILED = {"rtol": 1e-5, "param_atol": 1e-5}
+SELECTIVE_OP = {"activation_checkpoint.mode": "selective", "activation_checkpoint.selective_ac_option": "op"}
+
+FEATURES = {  # name -> (overrides, tolerance against eager, slow: cold compile is 13-22 s per process on 2 cores)
+    "full AC": ({"activation_checkpoint.mode": "full"}, RECOMPUTED, False),
+    "selective AC 2": ({"activation_checkpoint.mode": "selective", "activation_checkpoint.selective_ac_option": "2"},
+                       RECOMPUTED, False),
+    "selective AC op": (SELECTIVE_OP, RECOMPUTED, False),
+    "compile": ({"compile.enable": True}, COMPILED, True),
+}
+MATRIX = {f"{feature}, {layout}": (layout, spec, tol, slow)
+          for feature, (spec, tol, slow) in FEATURES.items() for layout in LAYOUTS}
+# Both together under FSDP: checkpointing is applied first and compile traces through it.
+for feature in ("full AC", "selective AC op"):
+    MATRIX[f"compile + {feature}, dp_shard=2"] = ("dp_shard=2", {**FEATURES[feature][0], "compile.enable": True},
+                                                  COMPILED, True)
+
+pytestmark = pytest.mark.distributed
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    return reference_run(tmp_path_factory.mktemp("ref"))
+
+
+@pytest.fixture(scope="module")
+def eager(reference, tmp_path_factory):
+    """layout name -> its eager run without checkpointing (1 process: the reference itself), each run once."""
+    runs = {"1 process": reference}
+
+    def get(layout: str) -> dict:
+        if layout not in runs:
+            ranks, spec = LAYOUTS[layout]
+            runs[layout] = run_steps(ranks, tmp_path_factory.mktemp("eager") / "run.pt",
+                                     base_overrides() + layout_args(spec))
+        return runs[layout]
+
+    return get
+
+
+@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.slow) if case[3] else name
+                                  for name, case in MATRIX.items()])
+def test_matches_eager(name, reference, eager, tmp_path):
+    layout, spec, tol, _ = MATRIX[name]
+    ranks, layout_spec = LAYOUTS[layout]
+    got = run_steps(ranks, tmp_path / "run.pt", base_overrides() + layout_args({**layout_spec, **spec}))
+    assert got["world_size"] == ranks
+    assert_matches_reference(got, eager(layout), **tol)  # the feature's own effect
+    assert_matches_reference(got, reference)  # and the layout's, as in test_data_parallel.py

@@ -1,0 +1,81 @@
+"""Activation checkpointing: transformer blocks keep less for backward and recompute the rest there.
+
+Modes (config [activation_checkpoint]):
+  full            every block keeps only its input and reruns its whole forward in backward
+  selective "N"   the same for every N-th block (layer ids N-1, 2N-1, ...), a memory/compute trade in between
+  selective "op"  every block keeps the outputs of its matmuls and attention (the expensive ops) and recomputes
+                  only the cheap ones (norms, RoPE, SwiGLU gating, residual adds); torch's selective policy
+                  `create_selective_checkpoint_contexts` decides op by op. (torchtitan also recomputes every
+                  second matmul here; we keep them all, so "op" trades less memory for no extra matmul FLOPs.)
+
+How: a checkpointed block's class is swapped for a subclass whose forward runs the original one under
+torch.utils.checkpoint (non-reentrant), the same trick FSDP2's fully_shard uses. Unlike torch's
+`checkpoint_wrapper`, which nests the block one level down, nothing is renamed: named_parameters() and
+state_dict() keys stay those of the plain model, so init by name, checkpoints and HF export need no mapping.
+Applied after tensor/context parallel and before compile and FSDP (see `parallelize`).
+"""
+
+import functools
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
+
+# Ops whose outputs "op" keeps: matmuls and every SDPA backend, the CPU one included.
+_SAVE_OPS = [
+    torch.ops.aten.mm.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+]
+
+
+def save_matmuls_and_attention():
+    """Context functions for torch.utils.checkpoint: keep _SAVE_OPS outputs, recompute every other op."""
+    return create_selective_checkpoint_contexts(_SAVE_OPS)
+
+
+class _CheckpointedForward:
+    """Mixed in front of a block's own class: the block's forward runs under torch.utils.checkpoint."""
+
+    _ac_context_fn = None  # None: keep only the inputs; else a selective policy's context functions
+
+    def forward(self, *args, **kwargs):
+        # Non-reentrant: works with kwargs, with FSDP2's hooks around the block and under torch.compile. Pass
+        # context_fn only when selective: torch.compile (2.13) rejects an explicit noop_context_fn.
+        selective = {} if self._ac_context_fn is None else {"context_fn": self._ac_context_fn}
+        return checkpoint(super().forward, *args, use_reentrant=False, **selective, **kwargs)
+
+
+@functools.cache
+def _checkpointed_class(cls: type) -> type:
+    return type(f"Checkpointed{cls.__name__}", (_CheckpointedForward, cls), {})
+
+
+def checkpoint_module(module: nn.Module, context_fn=None) -> None:
+    """Make `module` checkpoint its forward, in place; `context_fn` as for torch.utils.checkpoint (selective)."""
+    module.__class__ = _checkpointed_class(type(module))
+    module._ac_context_fn = context_fn
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str, selective_ac_option: str) -> None:
+    """Checkpoint the blocks of `model.layers` as `mode` (none | full | selective) and the option ("N" | "op") say.
+
+    "Every N-th block" counts by layer id, not by position on this rank, so a pipeline stage checkpoints the
+    same blocks it would in an unsplit model.
+    """
+    if mode == "none":
+        return
+    for layer_id, block in model.layers.items():
+        if mode == "full":
+            checkpoint_module(block)
+        elif selective_ac_option == "op":
+            checkpoint_module(block, save_matmuls_and_attention)
+        elif (int(layer_id) + 1) % int(selective_ac_option) == 0:
+            checkpoint_module(block)
+
+
+def is_checkpointed(module: nn.Module) -> bool:
+    """Whether `apply_activation_checkpointing` made `module` checkpoint its forward."""
+    return isinstance(module, _CheckpointedForward)
