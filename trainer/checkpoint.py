@@ -35,14 +35,18 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
-from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict, set_state_dict)
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict, set_state_dict)
 
 from trainer.checkpoint_files import (MARKER, STEP_RE, check_model_fits, checkpoint_folder, complete_steps,
                                      folder_bytes, load_hf_weights, plan_load, save_hf_weights, write_marker)
 from trainer.config import ConfigError, JobConfig
 from trainer.config.manager import CHECKPOINT_PARTS
 from trainer.data.dataloader import reshard_loader_state
+
+# Optimizer state keyed by parameter name, param_groups included: unflattened, param_groups is a list whose
+# "group 0" every pipeline stage has, and those collide in one DCP checkpoint.
+OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
 DATALOADER_RE = re.compile(r"dataloader\.dp(\d+)")
 # DCP warns on every save and load of a one-process run that it assumes one process, which is what we mean.
@@ -95,6 +99,7 @@ class Checkpointer:
         self.folder = checkpoint_folder(cfg)
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.dp_rank, self.dp_degree = dims.dp_coordinate()
+        self.pipelined = dims.pp > 1  # this rank holds only some stages of the model
         self.model_name = f"{cfg.model.name} {cfg.model.flavor}"
         self._pending: _PendingSave | None = None
         self._saved: set[Path] = set()
@@ -157,8 +162,10 @@ class Checkpointer:
                 raise ConfigError(f"checkpoint {path} has no {part} state (a model-only save?); start from it with "
                                   f"checkpoint.initial_load_path and initial_load_model_only = true, or add "
                                   f"{part} to checkpoint.exclude_from_loading")
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)  # first: it creates the optimizer state
-        check_model_fits(path, saved, {name: value.shape for name, value in model_sd.items()}, self.model_name)
+        # first: it creates the optimizer state
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=OPTIONS)
+        check_model_fits(path, saved, {name: value.shape for name, value in model_sd.items()}, self.model_name,
+                         partial=self.pipelined)
 
         saved_dp = sorted(int(m.group(1)) for k in saved if (m := DATALOADER_RE.fullmatch(k)))
         same_dp = len(saved_dp) == self.dp_degree
@@ -179,11 +186,11 @@ class Checkpointer:
 
         if "model" in state and "optimizer" in state:
             set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
-                           optim_state_dict=state["optimizer"])
+                           optim_state_dict=state["optimizer"], options=OPTIONS)
         elif "model" in state:
             set_model_state_dict(self.model, state["model"])
         elif "optimizer" in state:
-            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
+            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=OPTIONS)
         if "lr_scheduler" in state:
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         if "train_state" in state:
@@ -224,7 +231,7 @@ class Checkpointer:
             self._save_full(step, asynchronous=self.c.async_mode != "disabled" and not force)
 
     def _state_dict(self) -> dict:
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=OPTIONS)
         return {"model": model_sd, "optimizer": optim_sd, "lr_scheduler": self.lr_scheduler.state_dict(),
                 "train_state": self.train_state.state_dict(),
                 "dataloader": {f"dp{self.dp_rank}": pickle.dumps(self.dataloader.state_dict())},

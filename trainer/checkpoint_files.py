@@ -109,8 +109,12 @@ def folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def check_model_fits(path: Path, saved: dict, shapes: dict[str, torch.Size], model_name: str) -> None:
-    """ConfigError unless the DCP checkpoint at `path` (its metadata `saved`) holds exactly this model's tensors."""
+def check_model_fits(path: Path, saved: dict, shapes: dict[str, torch.Size], model_name: str,
+                     partial: bool = False) -> None:
+    """ConfigError unless the DCP checkpoint at `path` (its metadata `saved`) holds exactly this model's tensors.
+
+    `partial`: this rank holds only some pipeline stages, so the other stages' tensors are expected there too.
+    """
     made_by = (read_marker(path) or {}).get("model")  # plan_load has checked that it is this model
     origin = f" (it was saved from {made_by})" if made_by else ""
     for name, shape in shapes.items():
@@ -120,7 +124,7 @@ def check_model_fits(path: Path, saved: dict, shapes: dict[str, torch.Size], mod
             raise ConfigError(f"checkpoint {path} does not fit model {model_name}: {name} is {there} there, "
                               f"of shape {tuple(shape)} here{origin}; load a checkpoint of this model")
     extra = sorted(k for k in saved if k.startswith("model.") and k[len("model."):] not in shapes)
-    if extra:
+    if extra and not partial:
         raise ConfigError(f"checkpoint {path} does not fit model {model_name}: it has {extra[0]} and "
                           f"{len(extra) - 1} more tensors this model lacks{origin}; load a checkpoint of this model")
 

@@ -39,7 +39,7 @@ def main() -> None:
         validate = trainer.validator.validate
 
         def validate_and_keep(model_parts, step):
-            params = full_state(trainer.model)  # the weights this validation evaluates (a collective)
+            params = full_state(trainer)  # the weights this validation evaluates (a collective)
             rng = torch.get_rng_state()
             result = validate(model_parts, step)
             record["validations"].append({"step": step, "loss": result.loss, "tokens": result.tokens,
