@@ -2,7 +2,7 @@
 
 import pytest
 
-from tests.distributed.parity import assert_reference_moves, check_layout, reference_run
+from tests.distributed.parity import check_layout
 
 # name -> (ranks, overrides); every layout keeps the reference's global batch of 4 sequences of 64 tokens.
 LAYOUTS = {
@@ -26,15 +26,6 @@ FIVE_D = (16, {"parallelism.pipeline_parallel_degree": 2, "parallelism.data_para
                "training.local_batch_size": 2})
 
 pytestmark = pytest.mark.distributed
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    return reference_run(tmp_path_factory.mktemp("ref"))
-
-
-def test_reference_moves(reference):
-    assert_reference_moves(reference)
 
 
 @pytest.mark.parametrize("name", LAYOUTS)

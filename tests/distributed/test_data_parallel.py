@@ -18,11 +18,6 @@ LAYOUTS = {
 pytestmark = pytest.mark.distributed
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    return reference_run(tmp_path_factory.mktemp("ref"))
-
-
 def test_reference_moves(reference):
     assert_reference_moves(reference)
 

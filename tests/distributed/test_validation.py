@@ -57,7 +57,8 @@ def overrides(spec: dict, val_file, validation: bool) -> list[str]:
                                "--metrics.log_freq", "1", "--metrics.disable_color_printing", "true"]
     if validation:
         args += ["--validation.enable", "true", "--validation.freq", str(FREQ), "--validation.dataset", "jsonl",
-                 "--validation.dataset_path", str(val_file), "--validation.seq_len", str(VAL_SEQ)]
+                 "--validation.dataset_path", str(val_file), "--validation.seq_len", str(VAL_SEQ),
+                 "--validation.steps", "-1"]  # the whole split unless a layout says otherwise (not the config's)
     else:
         spec = {k: v for k, v in spec.items() if not k.startswith("validation.")}
     return args + layout_args(spec)
