@@ -295,7 +295,7 @@ class Trainer:
                 t0 = time.perf_counter()
                 batches = [next(data_iter) for _ in range(self.accum_steps)]
                 data_time += time.perf_counter() - t0
-                tokens += sum(inputs.numel() for inputs, _ in batches)
+                tokens += self.tokens_per_step // self.dims.dp  # this rank's share (every window is full)
                 loss, grad_norm = self.train_step(batches)
                 window_steps += 1
                 profiler.step()
