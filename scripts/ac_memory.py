@@ -40,7 +40,7 @@ def child(steps: int, overrides: list[str]) -> None:
 
     trainer = Trainer(load_config(overrides))
     data_iter = iter(trainer.dataloader)
-    batches = [[next(data_iter) for _ in range(trainer.accum_steps)] for _ in range(steps)]
+    batches = [[next(data_iter) for _ in range(trainer.plan.accum_steps)] for _ in range(steps)]
     before, times, losses = _rss_gib(), [], []
     for batch in batches:
         start = time.perf_counter()

@@ -51,7 +51,7 @@ def main() -> None:
 
     def train_steps(n: int) -> None:
         for _ in range(n):
-            trainer.train_step([next(data) for _ in range(trainer.accum_steps)])
+            trainer.train_step([next(data) for _ in range(trainer.plan.accum_steps)])
 
     train_steps(1)
     results = {}
@@ -91,7 +91,7 @@ def main() -> None:
     newest = max(folder.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
     if trainer.dist.rank == 0:
         world = dist.get_world_size() if dist.is_initialized() else 1
-        params = sum(p.numel() for p in trainer.model.parameters())
+        params = sum(p.numel() for p in trainer.params)
         print(f"\n{cfg.model.name} {cfg.model.flavor}, {params:,} parameters, {world} rank(s) {trainer.dims}: "
               f"checkpoint {folder_bytes(newest) / 2**20:.1f} MiB ({newest}); median of {repeats}")
         print(f"{STEPS_DURING_SAVE} training steps alone: {steps_alone:.2f}s")

@@ -37,7 +37,6 @@ prints.
 import argparse
 import json
 import os
-import re
 import sys
 import traceback
 import warnings
@@ -50,38 +49,23 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from trainer.build import build_inference_model, resolve_param_dtype  # noqa: E402
+from trainer.checkpoint_files import MARKER, read_marker, step_folders  # noqa: E402
 from trainer.config import ConfigError  # noqa: E402
 from trainer.config.job_config import Model  # noqa: E402
 from trainer.data.tokenizer import Tokenizer  # noqa: E402
 from trainer.distributed import DistInfo, init_distributed, shutdown  # noqa: E402
 from trainer.generation import generate  # noqa: E402
 from trainer.models.hf import from_hf_state_dict, load_hf_checkpoint  # noqa: E402
-from trainer.models.llama import ModelArgs, Transformer, canonical_param_name, get_model_args  # noqa: E402
-from trainer.parallel.init_weights import copy_full_, materialize  # noqa: E402
-from trainer.parallel.tensor_parallel import apply_tensor_parallel  # noqa: E402
-from trainer.parallel_dims import tp_shape_problem  # noqa: E402
+from trainer.models.llama import ModelArgs, Transformer, get_model_args  # noqa: E402
+from trainer.weights import load_dcp_weights, load_full_state  # noqa: E402
 
-MARKER = "complete.json"
 # DCP says on every load without a process group that it assumes one process, which is what we mean.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
-STEP_RE = re.compile(r"step-(\d+)")
 
 
 class UsageError(ValueError):
     """A mistake in the arguments or files: printed as one line."""
-
-
-def empty_model(args: ModelArgs, device: torch.device | str = "cpu", tp_mesh: DeviceMesh | None = None) -> Transformer:
-    """A model with uninitialised parameters on `device` (weights come from the checkpoint) and its RoPE table
-    computed; with `tp_mesh`, sharded over it with the inference tensor-parallel plan."""
-    with torch.device("meta"):
-        model = Transformer(args)
-    if tp_mesh is not None:
-        if problem := tp_shape_problem(args, tp_mesh.size()):
-            raise UsageError(f"--tp {tp_mesh.size()} {problem}")
-        apply_tensor_parallel(model, tp_mesh, loss_parallel_enabled=False, sequence_parallel=False)
-    materialize(model, device)
-    return model
 
 
 def find_checkpoint(path: Path) -> tuple[str, Path]:
@@ -93,12 +77,10 @@ def find_checkpoint(path: Path) -> tuple[str, Path]:
     if (path / ".metadata").is_file():
         return "dcp", path
     # A run's checkpoint folder: its step-N folders, and the final model-only saves in export/step-N.
-    children = [*path.iterdir(), *((path / "export").iterdir() if (path / "export").is_dir() else ())]
-    steps = {int(m.group(1)): child for child in children if (m := STEP_RE.fullmatch(child.name))
-             and ((child / ".metadata").is_file() or (child / "config.json").is_file())}
-    complete = {n: child for n, child in steps.items() if (child / MARKER).is_file()}
-    if complete or steps:
-        return find_checkpoint((complete or steps)[max(complete or steps)])
+    for complete_only in (True, False):
+        steps = {**step_folders(path, complete_only), **step_folders(path / "export", complete_only)}
+        if steps:
+            return find_checkpoint(steps[max(steps)])
     raise UsageError(f"--checkpoint {path}: neither a DCP folder (.metadata), a folder of step-N checkpoints, nor an "
                      f"HF model folder (config.json)")
 
@@ -106,15 +88,12 @@ def find_checkpoint(path: Path) -> tuple[str, Path]:
 def dcp_model_args(path: Path, name: str | None, flavor: str | None) -> ModelArgs:
     """Architecture of a DCP checkpoint: --name/--flavor, else the checkpointer's complete.json."""
     if name is None or flavor is None:
-        for folder in (path, path.parent):
-            try:
-                saved_name, saved_flavor = json.loads((folder / MARKER).read_text())["model"].split()
-                break
-            except (OSError, ValueError, KeyError):
-                continue
-        else:
+        saved = next((m["model"] for folder in (path, path.parent) if "model" in (m := read_marker(folder) or {})),
+                     None)
+        if saved is None or len(saved.split()) != 2:
             raise UsageError(f"{path} does not say which model it holds (no {MARKER}); pass --name and --flavor, "
                              f"e.g. --name llama3 --flavor debugmodel")
+        saved_name, saved_flavor = saved.split()
         name, flavor = name or saved_name, flavor or saved_flavor
     try:
         return get_model_args(name, flavor)
@@ -123,34 +102,11 @@ def dcp_model_args(path: Path, name: str | None, flavor: str | None) -> ModelArg
 
 
 def load_dcp_model(path: Path, args: ModelArgs, device: torch.device | str = "cpu",
-                   tp_mesh: DeviceMesh | None = None) -> Transformer:
+                   tp_mesh: DeviceMesh | None = None, model_name: str | None = None) -> Transformer:
     """Read the model tensors of a DCP folder into one full model in this process, or with `tp_mesh` into this
     rank's shards of the tensor-parallel model (DCP reshards any saved layout into either)."""
-    import torch.distributed.checkpoint as dcp
-
-    model = empty_model(args, device, tp_mesh)
-    ours = model.state_dict()
-    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    prefixed = any(key.startswith("model.") for key in saved)
-    # saved name -> our tensor; a name with wrapper prefixes (activation checkpointing, compile) maps to ours.
-    request = {}
-    for key in saved:
-        if prefixed and not key.startswith("model."):
-            continue
-        name = canonical_param_name(key.removeprefix("model.") if prefixed else key)
-        if name in ours:
-            request[key] = ours[name]
-    found = {canonical_param_name(k.removeprefix("model.") if prefixed else k) for k in request}
-    missing = sorted(set(ours) - found - ({"output.weight"} if args.tie_word_embeddings else set()))
-    if missing:
-        raise UsageError(f"{path} lacks {len(missing)} tensor(s) of {args.n_layers}-layer model, first {missing[0]!r}; "
-                         f"check --name/--flavor")
-    for key, tensor in request.items():
-        if tuple(saved[key].size) != tuple(tensor.shape):
-            raise UsageError(f"{path}: {key} has shape {tuple(saved[key].size)} but the model expects "
-                             f"{tuple(tensor.shape)}; check --name/--flavor")
-    # Copies into our tensors (this rank's shards of the DTensors), casting the dtype.
-    dcp.load(request, checkpoint_id=str(path), no_dist=tp_mesh is None)
+    model = build_inference_model(args, device, tp_mesh)
+    load_dcp_weights(model, path, model_name)
     return model
 
 
@@ -162,9 +118,8 @@ def load_hf_model(path: Path, device: torch.device | str = "cpu", tp_mesh: Devic
         sd = from_hf_state_dict(hf_sd, args)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    model = empty_model(args, device, tp_mesh)
-    for name, tensor in model.state_dict().items():  # from_hf_state_dict returns exactly these keys
-        copy_full_(tensor, sd[name])
+    model = build_inference_model(args, device, tp_mesh)
+    load_full_state(model, sd)
     return model
 
 
@@ -258,13 +213,12 @@ def run(a: argparse.Namespace, info: DistInfo) -> int:
         prompt = tokenizer.encode(a.prompt, bos=True)
         if not prompt:
             raise UsageError("--prompt is empty and the tokenizer has no BOS token to start from; give a prompt")
-    except UsageError as e:
+    except (UsageError, ConfigError) as e:
         # Every rank reads the same arguments and files and reaches the same verdict; rank 0 says it.
         if info.rank == 0:
             print(f"error: {e}", file=sys.stderr)
         return 2
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
-             "bfloat16": torch.bfloat16}[a.dtype]
+    dtype = resolve_param_dtype(a.dtype, device.type)
     model = with_max_seq_len(model, len(prompt) + a.max_new_tokens).eval()
     # Weights stay fp32 (as the trainer keeps them); bf16 compute goes through autocast, RoPE stays fp32.
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else None

@@ -7,7 +7,7 @@ Layout under {job.dump_folder}/{checkpoint.folder}:
                        model.*            parameters by name, sharded as trained (DCP reshards them on load)
                        optimizer.*        optimizer state by parameter name (get_state_dict)
                        lr_scheduler.*     the LambdaLR state
-                       train_state.*      step, tokens_seen
+                       train_state.*      step, tokens_seen (and any other entry of `states`, under its name)
                        dataloader.dp{r}   the StatefulDataLoader state of data-parallel rank r (pickled)
                        rng.rank{r}        the RNG states of global rank r (pickled)
                      complete.json        the marker: written last, by rank 0, once every rank's data is on disk
@@ -35,14 +35,16 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict, set_state_dict)
+from torch.distributed.checkpoint.stateful import Stateful
 
-from trainer.checkpoint_files import (MARKER, STEP_RE, check_model_fits, checkpoint_folder, complete_steps,
-                                     folder_bytes, load_hf_weights, plan_load, save_hf_weights, write_marker)
+from trainer.checkpoint_files import (MARKER, STEP_RE, checkpoint_folder, complete_steps, folder_bytes, plan_load,
+                                      write_marker)
 from trainer.config import ConfigError, JobConfig
-from trainer.config.manager import CHECKPOINT_PARTS
 from trainer.data.dataloader import reshard_loader_state
+from trainer.weights import check_model_fits, load_hf_weights, save_hf_weights
 
 # Optimizer state keyed by parameter name, param_groups included: unflattened, param_groups is a list whose
 # "group 0" every pipeline stage has, and those collide in one DCP checkpoint.
@@ -87,18 +89,40 @@ class _PendingSave:
     error: BaseException | None = None
 
 
+class ModelPartsView(nn.Module):
+    """This rank's pipeline stages as one module with the unsplit model's parameter names.
+
+    Checkpointing saves and loads by name, so a stage-split run reshards to and from any other layout. Holds
+    references only: the stages keep running on their own.
+    """
+
+    def __init__(self, parts: list[nn.Module]):
+        super().__init__()
+        self.layers = nn.ModuleDict()
+        for part in parts:
+            for name in ("tok_embeddings", "norm", "output"):
+                if getattr(part, name, None) is not None:
+                    setattr(self, name, getattr(part, name))
+            self.layers.update(part.layers)
+
+
 class Checkpointer:
     """Saves and restores everything a resumed run needs to continue exactly. Inert when checkpoint.enable is
-    false. `train_state` is an object with state_dict()/load_state_dict() for step and tokens_seen (the Trainer)."""
+    false.
 
-    def __init__(self, cfg: JobConfig, model, optimizer, lr_scheduler, dataloader, train_state, dims, model_args,
-                 device: torch.device, log):
+    `model_parts`: this rank's model, one module per pipeline stage it runs; `states`: further train state by
+    checkpoint key, each with state_dict()/load_state_dict() (the loop's {"train_state": TrainState}).
+    """
+
+    def __init__(self, cfg: JobConfig, model_parts: list[nn.Module], optimizer, lr_scheduler, dataloader,
+                 states: dict[str, Stateful], dims, model_args, device: torch.device, log):
         self.cfg, self.c, self.log = cfg, cfg.checkpoint, log
-        self.model, self.optimizer, self.lr_scheduler = model, optimizer, lr_scheduler
-        self.dataloader, self.train_state, self.model_args = dataloader, train_state, model_args
+        self.model = model_parts[0] if len(model_parts) == 1 else ModelPartsView(model_parts)
+        self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
+        self.dataloader, self.states, self.model_args = dataloader, states, model_args
         self.folder = checkpoint_folder(cfg)
         self.rank = dist.get_rank() if dist.is_initialized() else 0
-        self.dp_rank, self.dp_degree = dims.dp_coordinate()
+        self.dp_rank, self.dp_degree = dims.coordinate("dp")
         self.pipelined = dims.pp > 1  # this rank holds only some stages of the model
         self.model_name = f"{cfg.model.name} {cfg.model.flavor}"
         self._pending: _PendingSave | None = None
@@ -146,10 +170,10 @@ class Checkpointer:
             parts = ["model (HF)"]
         else:
             parts = ["model"] if plan.model_only else \
-                [p for p in CHECKPOINT_PARTS if p not in self.c.exclude_from_loading]
+                [p for p in self._parts() if p not in self.c.exclude_from_loading]
             parts = self._load_dcp(plan.path, parts)
         self.log(f"checkpoint: {'resumed from' if plan.resume else 'initial load from'} {plan.path} "
-                 f"({', '.join(parts)}) in {time.perf_counter() - start:.2f}s; at step {self.train_state.step}")
+                 f"({', '.join(parts)}) in {time.perf_counter() - start:.2f}s")
 
     def _load_dcp(self, path: Path, parts: list[str]) -> list[str]:
         try:
@@ -174,7 +198,7 @@ class Checkpointer:
         if "rng" in parts and f"rng.{rng_key}" not in saved:
             parts.remove("rng")  # saved with fewer ranks: this one keeps its seeded state
         state = {"model": model_sd, "optimizer": optim_sd, "lr_scheduler": self.lr_scheduler.state_dict(),
-                 "train_state": self.train_state.state_dict(),
+                 **{name: obj.state_dict() for name, obj in self.states.items()},
                  "dataloader": dict.fromkeys(loader_keys, b""),
                  "rng": {rng_key: b""}}
         state = {part: value for part, value in state.items() if part in parts}
@@ -193,8 +217,9 @@ class Checkpointer:
             set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=OPTIONS)
         if "lr_scheduler" in state:
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        if "train_state" in state:
-            self.train_state.load_state_dict(state["train_state"])
+        for name, obj in self.states.items():
+            if name in state:
+                obj.load_state_dict(state[name])
         if "rng" in state:
             _set_rng_state(pickle.loads(state["rng"][rng_key]))
         if "dataloader" in state:
@@ -230,17 +255,21 @@ class Checkpointer:
         elif force or step % self.c.interval == 0 or (step == 1 and self.c.enable_first_step_checkpoint):
             self._save_full(step, asynchronous=self.c.async_mode != "disabled" and not force)
 
+    def _parts(self) -> tuple[str, ...]:
+        """The top-level keys of a full checkpoint, in load order."""
+        return ("model", "optimizer", "lr_scheduler", "dataloader", *self.states, "rng")
+
     def _state_dict(self) -> dict:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=OPTIONS)
         return {"model": model_sd, "optimizer": optim_sd, "lr_scheduler": self.lr_scheduler.state_dict(),
-                "train_state": self.train_state.state_dict(),
+                **{name: obj.state_dict() for name, obj in self.states.items()},
                 "dataloader": {f"dp{self.dp_rank}": pickle.dumps(self.dataloader.state_dict())},
                 "rng": {f"rank{self.rank}": pickle.dumps(_rng_state())}}
 
     def _info(self, step: int, model_only: bool, fmt: str) -> dict:
         return {"step": step, "model": self.model_name, "model_only": model_only, "format": fmt,
                 "dp_degree": self.dp_degree, "world_size": dist.get_world_size() if dist.is_initialized() else 1,
-                "seq_len": self.cfg.training.seq_len, "tokens_seen": self.train_state.state_dict()["tokens_seen"]}
+                "seq_len": self.cfg.training.seq_len, **{name: obj.state_dict() for name, obj in self.states.items()}}
 
     def _claim(self, path: Path) -> bool:
         """Make `path` ready for a new save. False (skip) when it is complete already: never overwritten. A partial

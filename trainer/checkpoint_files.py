@@ -1,7 +1,6 @@
-"""The file side of checkpoints, which needs no training state: finding the checkpoint a run starts from, the
-completeness marker, whether a checkpoint fits the model, and moving weights in and out of HF model folders
-(config.json + safetensors) and model-only DCP folders. Used by checkpoint.py, DRY_RUN and
-scripts/convert_checkpoint.py; the folder layout is described in checkpoint.py.
+"""The folder side of checkpoints, which needs no training state: the completeness marker, the step folders of a
+run, and the checkpoint a run starts from. Used by checkpoint.py, weights.py, DRY_RUN and the scripts; the folder
+layout is described in checkpoint.py.
 """
 
 import json
@@ -10,16 +9,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch import Tensor, nn
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-from torch.distributed.tensor import DTensor, distribute_tensor
-
 from trainer.config import ConfigError, JobConfig
-from trainer.models.hf import from_hf_state_dict, load_hf_checkpoint, save_hf_checkpoint
-from trainer.models.llama import ModelArgs
 
 
 MARKER = "complete.json"
@@ -50,14 +40,21 @@ def checkpoint_folder(cfg: JobConfig) -> Path:
     return Path(cfg.job.dump_folder) / cfg.checkpoint.folder
 
 
-def complete_steps(folder: Path) -> dict[int, Path]:
-    """step -> step-N folder, for every complete full checkpoint in `folder`."""
+def step_folders(folder: Path, complete_only: bool = True) -> dict[int, Path]:
+    """step -> step-N folder in `folder`: the complete ones (marked), or with complete_only=False every one that
+    holds a DCP save (.metadata) or an HF model (config.json)."""
     found = {}
     for child in folder.iterdir() if folder.is_dir() else ():
         match = STEP_RE.fullmatch(child.name)
-        if match and (child / MARKER).is_file():
+        if match and ((child / MARKER).is_file() if complete_only else
+                      (child / ".metadata").is_file() or (child / "config.json").is_file()):
             found[int(match.group(1))] = child
     return found
+
+
+def complete_steps(folder: Path) -> dict[int, Path]:
+    """step -> step-N folder, for every complete checkpoint in `folder`."""
+    return step_folders(folder)
 
 
 @dataclass
@@ -107,102 +104,3 @@ def plan_load(cfg: JobConfig) -> LoadPlan | None:
 def folder_bytes(path: Path) -> int:
     """Bytes of every file under `path`."""
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
-def check_model_fits(path: Path, saved: dict, shapes: dict[str, torch.Size], model_name: str,
-                     partial: bool = False) -> None:
-    """ConfigError unless the DCP checkpoint at `path` (its metadata `saved`) holds exactly this model's tensors.
-
-    `partial`: this rank holds only some pipeline stages, so the other stages' tensors are expected there too.
-    """
-    made_by = (read_marker(path) or {}).get("model")  # plan_load has checked that it is this model
-    origin = f" (it was saved from {made_by})" if made_by else ""
-    for name, shape in shapes.items():
-        md = saved.get(f"model.{name}")
-        if not isinstance(md, TensorStorageMetadata) or tuple(md.size) != tuple(shape):
-            there = "missing" if md is None else f"of shape {tuple(md.size)}"
-            raise ConfigError(f"checkpoint {path} does not fit model {model_name}: {name} is {there} there, "
-                              f"of shape {tuple(shape)} here{origin}; load a checkpoint of this model")
-    extra = sorted(k for k in saved if k.startswith("model.") and k[len("model."):] not in shapes)
-    if extra and not partial:
-        raise ConfigError(f"checkpoint {path} does not fit model {model_name}: it has {extra[0]} and "
-                          f"{len(extra) - 1} more tensors this model lacks{origin}; load a checkpoint of this model")
-
-
-# What decides the weights' shapes and meaning; max_seq_len only sizes the RoPE table, which is recomputed.
-_ARCHITECTURE = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_hidden_dim", "norm_eps", "rope_theta",
-                 "rope_scaling", "tie_word_embeddings")
-
-
-def architecture_mismatch(ours: ModelArgs, theirs: ModelArgs) -> str | None:
-    """The first field in which two models' weights differ, as 'field X there, Y here', or None."""
-    for name in _ARCHITECTURE:
-        here, there = getattr(ours, name), getattr(theirs, name)
-        if here != there:
-            return f"{name} {there} there, {here} here"
-    return None
-
-
-@torch.no_grad()
-def copy_full_state_into(model: nn.Module, full: dict[str, Tensor]) -> None:
-    """Copy full (unsharded) tensors into `model`'s parameters; each rank keeps its own shard, with no communication,
-    as init_weights does. `full` must name every parameter (from_hf_state_dict guarantees it)."""
-    for name, param in model.named_parameters():
-        value = full[name]
-        if isinstance(param, DTensor):
-            value = distribute_tensor(value.to(param.device, param.dtype), param.device_mesh, param.placements,
-                                      src_data_rank=None)  # every rank holds the full value: slice locally
-            param.to_local().copy_(value.to_local())
-        else:
-            param.copy_(value)
-
-
-def load_hf_weights(model: nn.Module, path: Path, args: ModelArgs) -> None:
-    """Load an HF Llama folder into `model` (sharded or not): every rank reads the files and keeps its shard.
-
-    Raises ValueError naming the problem when the folder is not a Llama of `args`' shape.
-    """
-    hf_args, hf_sd = load_hf_checkpoint(path)
-    mismatch = architecture_mismatch(args, hf_args)
-    if mismatch:
-        raise ValueError(f"its config.json describes another model ({mismatch}); set model.name/model.flavor to match")
-    copy_full_state_into(model, from_hf_state_dict(hf_sd, hf_args))
-
-
-@torch.no_grad()
-def full_model_state(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
-    """Full parameter tensors on CPU, on rank 0 only (other ranks get {}). Every rank must call it: gathering a
-    sharded parameter is a collective, done one parameter at a time so no rank holds more than one full tensor
-    beyond what rank 0 keeps."""
-    rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    out = {}
-    for name, param in model.named_parameters():
-        full = param.full_tensor() if isinstance(param, DTensor) else param.detach()
-        if rank0:
-            out[name] = full.to(device="cpu", dtype=dtype or full.dtype, copy=True)
-    return out
-
-
-def save_hf_weights(model: nn.Module, path: Path, args: ModelArgs, dtype: torch.dtype) -> None:
-    """Write `model` as an HF Llama folder that transformers loads (rank 0 writes; every rank must call)."""
-    full = full_model_state(model, dtype)
-    if full:
-        save_hf_checkpoint(path, args, full, dtype=dtype)
-
-
-def read_dcp_model(path: Path) -> dict[str, Tensor]:
-    """The full `model.*` tensors of a DCP folder (full checkpoint or model-only), names without `model.`, read in
-    one process without a process group. Raises ValueError when there are none."""
-    metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    model = {key.removeprefix("model."): torch.empty(md.size, dtype=md.properties.dtype)
-             for key, md in metadata.items() if key.startswith("model.") and isinstance(md, TensorStorageMetadata)}
-    if not model:
-        raise ValueError(f"{path} holds no model.* tensors; is it a checkpoint of this trainer?")
-    dcp.load({"model": model}, checkpoint_id=str(path), no_dist=True)
-    return model
-
-
-def save_dcp_model(path: Path, sd: dict[str, Tensor], info: dict) -> None:
-    """Write full tensors as a model-only DCP folder (one process) and mark it complete with `info`."""
-    dcp.save({"model": sd}, checkpoint_id=str(path), no_dist=True)
-    write_marker(path, {**info, "model_only": True, "format": "dcp"})

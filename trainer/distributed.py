@@ -36,7 +36,8 @@ def _log_ranks() -> frozenset[int]:
 def init_distributed() -> DistInfo:
     """Read torchrun's environment, pick the device and backend (COMM_BACKEND) and init the process group.
 
-    A run without torchrun's variables is one process and gets no process group at all.
+    A run without torchrun's variables is one process and gets no process group at all; a process group that is
+    already initialized is kept.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
@@ -45,8 +46,8 @@ def init_distributed() -> DistInfo:
     if cuda:
         torch.cuda.set_device(device)
     info = DistInfo(rank, local_rank, world_size, device, _log_ranks())
-    if world_size == 1 and "MASTER_ADDR" not in os.environ:
-        return info
+    if dist.is_initialized() or (world_size == 1 and "MASTER_ADDR" not in os.environ):
+        return info  # a process group already up (a test worker running several jobs) is used as it is
     backend = os.environ.get("COMM_BACKEND") or ("nccl" if cuda else "gloo")
     if backend == "nvshmem":
         if not (cuda and nvshmem_available()):

@@ -1,9 +1,10 @@
 """DRY_RUN=1: check a config for NGPU ranks on any machine, without a GPU or a real process group.
 
-Parses and validates the config, resolves the mesh, builds the model on the meta device and parallelizes it
-exactly as rank 0 of an NGPU run would (collectives go to a fake process group), then prints the resolved config,
-the mesh, parameter count, FLOPs per token and an estimate of memory per rank. Exit 0 if the config is valid,
-else one line naming the problem and exit 2.
+Plans the run (trainer/build.py: the same checks and figures the Trainer uses), builds the model on the meta
+device and parallelizes it exactly as rank 0 of an NGPU run would (collectives go to a fake process group), then
+prints the resolved config, the mesh, parameter count, FLOPs per token and an estimate of memory per rank. The run
+is planned for CUDA devices unless `--device cpu` says otherwise (the dtype `auto` picks, and the device checks,
+depend on it). Exit 0 if the config is valid, else one line naming the problem and exit 2.
 """
 
 import dataclasses
@@ -13,16 +14,12 @@ import sys
 import torch
 import torch.distributed as dist
 
+from trainer.build import build_model, check_data, load_tokenizer, plan_run
 from trainer.checkpoint_files import plan_load
 from trainer.config import ConfigError, JobConfig, help_text, load_config
-from trainer.models.llama import Transformer, flops_per_token, num_params
-from trainer.parallel import parallelize
-from trainer.parallel.compile import check_compile_supported
-from trainer.parallel.pipeline import build_pipeline, plan_pipeline
-from trainer.parallel_dims import ParallelDims, device_type
+from trainer.models.llama import flops_per_token, num_params
+from trainer.parallel_dims import device_type
 from trainer.torch_private import init_fake_process_group
-from trainer.train import build_model_args, build_tokenizer, check_dataset, check_device, gradient_accumulation_steps
-from trainer.validate import check_validation_data, check_validation_layout
 
 GiB = 2**30
 
@@ -63,41 +60,27 @@ def activation_bytes(args, tokens: int, bytes_per_el: int, tp: int = 1, loss_par
     return int(tokens * kept * bytes_per_el + logit_bytes)
 
 
-def dry_run(cfg: JobConfig, world_size: int, require_assets: bool = False) -> str:
-    """Validate `cfg` for `world_size` ranks and return the report (raises ConfigError when invalid).
+def dry_run(cfg: JobConfig, world_size: int, require_assets: bool = False, target: str = "cuda") -> str:
+    """Validate `cfg` for `world_size` ranks on `target` devices and return the report (ConfigError when invalid).
 
     Missing assets (tokenizer, dataset files) are an error only with `require_assets` (the launcher's check
     before training): DRY_RUN checks a config on a machine that may never hold the weights or data.
     """
-    args = build_model_args(cfg)
-    dims = ParallelDims.resolve(cfg.parallelism, world_size)
-    dims.validate_model(args, cfg.training.seq_len)
-    check_validation_layout(cfg, dims)
-    accum = gradient_accumulation_steps(cfg, dims.dp)
-    plan = plan_pipeline(cfg.parallelism, cfg.training.local_batch_size, args.n_layers) if dims.pp > 1 else None
+    plan = plan_run(cfg, world_size, target)
+    args, dims = plan.model_args, plan.dims
     notes = []
     try:
-        check_dataset(cfg)
-        build_tokenizer(cfg, args)
-        check_validation_data(cfg)
+        check_data(cfg)
+        load_tokenizer(plan)
     except ConfigError as e:
         if require_assets:
             raise
         notes.append(f"note: {e} (needed before training, not for this dry run)")
     load = plan_load(cfg)
-    check_compile_supported(cfg, device_type=None)  # the training host's device is not known here
-    param_dtype = torch.bfloat16 if cfg.training.mixed_precision_param == "bfloat16" else torch.float32
     init_fake_process_group(rank=0, world_size=world_size)
     try:
-        dims.build_mesh("cpu")
-        with torch.device("meta"):
-            model = Transformer(args)
-        if plan is not None:  # rank 0's stages, schedule included: its constructor checks the layout too
-            parts = build_pipeline(model, plan, dims, torch.device("cpu"),
-                                   lambda part: parallelize(part, dims, cfg, param_dtype),
-                                   loss_fn=lambda logits, labels: logits.sum()).model_parts
-        else:
-            parts = [parallelize(model, dims, cfg, param_dtype)]
+        dims.build_mesh("cpu")  # rank 0's shards, computed on the fake group whatever device the run uses
+        parts = build_model(plan, torch.device("cpu"), init=False).parts
         local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel()
                     for part in parts for p in part.parameters())
     finally:
@@ -108,20 +91,25 @@ def dry_run(cfg: JobConfig, world_size: int, require_assets: bool = False) -> st
     # With PP this is an upper bound: it counts every microbatch in flight at once, as GPipe has them.
     tokens = cfg.training.local_batch_size * cfg.training.seq_len // dims.cp
     ac = cfg.activation_checkpoint
-    act = activation_bytes(args, tokens, 2 if param_dtype == torch.bfloat16 else 4, dims.tp,
-                           dims.loss_parallel_enabled, n_layers=sum(len(part.layers) for part in parts),
+    act_bytes = plan.param_dtype.itemsize
+    act = activation_bytes(args, tokens, act_bytes, dims.tp, dims.loss_parallel_enabled,
+                           n_layers=sum(len(part.layers) for part in parts),
                            logits=any(part.output is not None for part in parts), ac_mode=ac.mode,
                            selective_ac_option=ac.selective_ac_option)
+    dtype_name = str(plan.param_dtype).removeprefix("torch.")
+    dtype_why = (f"mixed_precision_param = auto on {target}" if cfg.training.mixed_precision_param == "auto"
+                 else f"mixed_precision_param = {cfg.training.mixed_precision_param}")
     return "\n".join([
         _fmt_config(cfg),
         f"mesh: {world_size} ranks = pp {dims.pp} x dp_replicate {dims.dp_replicate} x dp_shard {dims.dp_shard} x "
-        f"cp {dims.cp} x tp {dims.tp}; gradient accumulation {accum}",
-        *([plan.describe()] if plan is not None else []),
+        f"cp {dims.cp} x tp {dims.tp}; gradient accumulation {plan.accum_steps}",
+        *([plan.pp_plan.describe()] if plan.pp_plan is not None else []),
         f"model: {cfg.model.name} {cfg.model.flavor}, {total / 1e9:.2f}B parameters ({total:,}); "
         f"{flops_per_token(args, cfg.training.seq_len) / 1e9:.2f} GFLOPs per token at seq_len {cfg.training.seq_len}",
+        f"device: {target}; compute dtype {dtype_name} ({dtype_why}; --device cpu or cuda plans for the other)",
         f"memory per rank (rank 0, estimate): parameters {local * 4 / GiB:.2f} GiB ({local:,} local elements), "
-        f"gradients {local * 4 / GiB:.2f} GiB, optimizer {local * 8 / GiB:.2f} GiB, activations {act / GiB:.2f} GiB, "
-        f"total {(state + act) / GiB:.2f} GiB",
+        f"gradients {local * 4 / GiB:.2f} GiB, optimizer {local * 8 / GiB:.2f} GiB, activations {act / GiB:.2f} GiB "
+        f"({dtype_name}), total {(state + act) / GiB:.2f} GiB",
         *notes,
         "checkpoint: " + ("disabled" if not cfg.checkpoint.enable else "starts fresh" if load is None else
                           f"{'resumes from' if load.resume else 'initial load from'} {load.path}"
@@ -137,9 +125,18 @@ def main(argv: list[str] | None = None) -> None:
         print(help_text())
         return
     # --preflight: run_train.sh's check before torchrun on this machine; silent when valid, and the
-    # assets and the device-dependent checks must pass too.
+    # assets must be there. --device cuda|cpu: the devices the run is planned for (default cuda; the preflight
+    # check plans for this machine's).
     preflight = "--preflight" in argv
     argv = [a for a in argv if a != "--preflight"]
+    target = device_type() if preflight else "cuda"
+    if "--device" in argv:
+        i = argv.index("--device")
+        target = argv[i + 1] if i + 1 < len(argv) else ""
+        argv = argv[:i] + argv[i + 2:]
+        if target not in ("cuda", "cpu"):
+            print(f"error: --device {target!r}: expected cuda or cpu", file=sys.stderr)
+            sys.exit(2)
     try:
         world_size = int(os.environ.get("NGPU", "1"))
         if world_size < 1:
@@ -149,9 +146,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     try:
         cfg = load_config(argv)
-        if preflight:
-            check_device(cfg, device_type())
-        report = dry_run(cfg, world_size, require_assets=preflight)
+        report = dry_run(cfg, world_size, require_assets=preflight, target=target)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

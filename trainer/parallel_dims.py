@@ -6,6 +6,7 @@ HSDP, and `dp_cp` (dp_replicate x dp_shard x cp) over which the loss is averaged
 no process group, so DRY_RUN can use them for any world size.
 """
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -68,18 +69,29 @@ class ParallelDims:
         return cls(p.data_parallel_replicate_degree, dp_shard, p.context_parallel_degree,
                    p.tensor_parallel_degree, p.pipeline_parallel_degree, world_size, p.disable_loss_parallel)
 
-    def validate_model(self, model_args, seq_len: int) -> None:
+    def validate_model(self, model_args) -> None:
         """Layout checks that depend on the model's shape."""
         if problem := tp_shape_problem(model_args, self.tp):
             raise ConfigError(f"parallelism.tensor_parallel_degree = {self.tp} {problem}")
+
+    @property
+    def seq_len_divisor(self) -> int:
+        """What every sequence length must be a multiple of: context parallel cuts a sequence into 2 x cp chunks
+        (causal load balancing), and sequence parallel splits each rank's cp share over the tp ranks."""
+        if self.cp == 1:
+            return self.tp
+        return self.cp * math.lcm(2, self.tp)
+
+    def check_seq_len(self, key: str, seq_len: int) -> None:
+        """ConfigError naming `key` when `seq_len` does not split over this layout (see seq_len_divisor)."""
+        if seq_len % self.seq_len_divisor == 0:
+            return
         if self.cp > 1 and seq_len % (2 * self.cp):
-            raise ConfigError(f"training.seq_len = {seq_len} is not divisible by 2 x context_parallel_degree = "
-                              f"{2 * self.cp} (causal load balancing cuts each sequence into 2 x cp chunks)")
-        if self.tp > 1 and (seq_len // self.cp) % self.tp:
-            multiple = self.tp * (2 * self.cp if self.cp > 1 else 1)
-            raise ConfigError(f"training.seq_len = {seq_len} does not split over tensor_parallel_degree = {self.tp} "
-                              f"(sequence parallel splits each {'context-parallel shard of the ' if self.cp > 1 else ''}"
-                              f"sequence over the tp ranks); use a multiple of {multiple}")
+            raise ConfigError(f"{key} = {seq_len} is not divisible by 2 x context_parallel_degree = {2 * self.cp} "
+                              f"(causal load balancing cuts each sequence into 2 x cp chunks)")
+        raise ConfigError(f"{key} = {seq_len} does not split over tensor_parallel_degree = {self.tp} (sequence "
+                          f"parallel splits each {'context-parallel shard of the ' if self.cp > 1 else ''}sequence "
+                          f"over the tp ranks); use a multiple of {self.seq_len_divisor}")
 
     @property
     def dp(self) -> int:
@@ -116,11 +128,16 @@ class ParallelDims:
         """A named mesh built by build_mesh: world, dp, dp_cp, fsdp, or one of the MESH_DIMS."""
         return self.meshes[name]
 
-    def dp_coordinate(self) -> tuple[int, int]:
-        """(rank, degree) of this process in the data-parallel dimension; (0, 1) without a mesh."""
-        if not self.meshes:
-            return 0, 1
-        return self.meshes["dp"].get_local_rank(), self.dp
+    def optional_mesh(self, name: str) -> DeviceMesh | None:
+        """The named mesh when this run spreads that dimension over more than one rank, else None (also in one
+        process, where no mesh is built)."""
+        mesh = self.meshes.get(name)
+        return mesh if mesh is not None and mesh.size() > 1 else None
+
+    def coordinate(self, name: str) -> tuple[int, int]:
+        """(this rank's index, size) along the named 1-D mesh, e.g. "dp" or "tp"; (0, 1) without one."""
+        mesh = self.optional_mesh(name)
+        return (mesh.get_local_rank(), mesh.size()) if mesh is not None else (0, 1)
 
 
 def device_type() -> str:

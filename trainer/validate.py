@@ -16,19 +16,14 @@ Validation leaves training exactly as it was: forward only, under no_grad, in ev
 RNG states restored (a DataLoader iterator draws its seed from the global generator); the training loader, optimizer
 and scheduler untouched; FSDP modules resharded as a training step leaves them.
 
-Where the parallelisms that have not landed here plug in:
-- Tensor parallel: pass the Trainer's loss-parallel context as `loss_context`; the loss comes back as a DTensor
-  replicated over tp (made local in `_batch_loss`), and `_owns_tokens` already counts it on tp rank 0 only.
-- Pipeline parallel: `_batch_loss` is the one place that runs the model. With a schedule it would call
-  `schedule.eval(inputs if first stage, target=labels if last stage, losses=losses)` instead of the plain forward,
-  with a sum-reduced loss function (the training one divides by tokens and accumulation steps), and `_owns_tokens`
-  would be true on the last stage only; everything else (agreement, sums, logging) is layout-free already.
+The model runs through the same `ModelParts.batch_context` as training (context parallel's sharding, loss
+parallel), so every layout without pipeline parallel validates as it trains; pipeline parallel is refused until
+validation runs through the schedule's evaluation path.
 """
 
 import contextlib
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +39,6 @@ from trainer.data.dataloader import build_dataloader
 from trainer.data.datasets import DATASET_NAMES
 from trainer.data.tokenizer import Tokenizer
 from trainer.metrics import MetricsLogger
-from trainer.parallel.context_parallel import cp_context
 from trainer.parallel_dims import ParallelDims
 
 # torchtitan's dataset name for C4's validation split; here every dataset is read through its validation split.
@@ -81,13 +75,7 @@ def check_validation_layout(cfg: JobConfig, dims: ParallelDims) -> None:
     if dims.pp > 1:
         raise ConfigError("validation.enable = true with pipeline_parallel_degree > 1: validation does not run "
                           "through the pipeline schedule yet; disable one of them")
-    seq_len = validation_data(cfg).seq_len
-    if dims.cp > 1 and seq_len % (2 * dims.cp):
-        raise ConfigError(f"validation.seq_len = {seq_len} is not divisible by 2 x context_parallel_degree = "
-                          f"{2 * dims.cp} (causal load balancing cuts each sequence into 2 x cp chunks)")
-    if dims.tp > 1 and seq_len % dims.tp:
-        raise ConfigError(f"validation.seq_len = {seq_len} is not divisible by tensor_parallel_degree = {dims.tp} "
-                          f"(sequence parallel splits each sequence over the tp ranks)")
+    dims.check_seq_len("validation.seq_len", validation_data(cfg).seq_len)
 
 
 def check_validation_data(cfg: JobConfig) -> None:
@@ -125,27 +113,15 @@ class ValidationResult:
 class Validator:
     """Builds the validation loader once; `validate` evaluates the model on it and logs the result.
 
-    `autocast` is the Trainer's (a reusable context manager); `loss_context` returns the context the loss is computed
-    in (tensor parallel's loss_parallel, when it lands).
-    """
+    `tokenizer` is the run's (load_tokenizer loads one whenever validation reads text)."""
 
     def __init__(self, cfg: JobConfig, dims: ParallelDims, device: torch.device, tokenizer: Tokenizer | None,
-                 vocab_size: int, seed: int, metrics: MetricsLogger,
-                 autocast: contextlib.AbstractContextManager | None = None,
-                 loss_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
+                 vocab_size: int, seed: int, metrics: MetricsLogger):
         check_validation_data(cfg)
         self.freq, self.steps = cfg.validation.freq, cfg.validation.steps
         self.data = validation_data(cfg)
         self.dims, self.device, self.metrics = dims, device, metrics
-        self.autocast = autocast if autocast is not None else contextlib.nullcontext()
-        self.loss_context = loss_context
-        self.cp_mesh = dims.mesh("cp") if dims.cp > 1 else None
-        if tokenizer is None and self.data.dataset != "synthetic":  # training on synthetic data loads none
-            try:
-                tokenizer = Tokenizer.from_path(cfg.model.hf_assets_path)
-            except FileNotFoundError as e:
-                raise ConfigError(f"model.hf_assets_path = {cfg.model.hf_assets_path!r}: {e}") from None
-        dp_rank, dp_degree = dims.dp_coordinate()
+        dp_rank, dp_degree = dims.coordinate("dp")
         try:
             self.loader = build_dataloader(
                 self.data.dataset, self.data.dataset_path, tokenizer, self.data.seq_len, self.data.local_batch_size,
@@ -155,19 +131,20 @@ class Validator:
             raise ConfigError(f"validation.dataset = {self.data.dataset!r}: {e}") from None
         # Every pass starts from here: a pass cut short (steps = N, or another rank ran out) would otherwise resume.
         self._start_state = self.loader.state_dict()
-        self._owns_tokens = dims.tp == 1 or dims.mesh("tp").get_local_rank() == 0
+        self._owns_tokens = dims.coordinate("tp")[0] == 0
 
     def should_validate(self, step: int) -> bool:
         """Whether to validate after training step `step`."""
         return step % self.freq == 0
 
     @torch.no_grad()
-    def validate(self, model_parts: list[nn.Module], step: int) -> ValidationResult:
-        """Evaluate `model_parts` (this rank's part of the model) on the split; log and return the result.
+    def validate(self, model, step: int) -> ValidationResult:
+        """Evaluate `model` (this rank's ModelParts, see trainer/build.py) on the split; log and return the result.
 
         Every rank must call it at the same step.
         """
         start = time.perf_counter()
+        model_parts = model.parts
         modes = [part.training for part in model_parts]
         for part in model_parts:
             part.eval()
@@ -182,7 +159,7 @@ class Validator:
                 if not self._everyone_has(batch is not None):
                     break
                 inputs, labels = (t.to(self.device) for t in batch)
-                batch_sum, batch_tokens = self._batch_loss(model_parts, inputs, labels)
+                batch_sum, batch_tokens = self._batch_loss(model, inputs, labels)
                 loss_sum += batch_sum
                 tokens += batch_tokens
                 batches += 1
@@ -214,17 +191,13 @@ class Validator:
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return bool(flag.item())
 
-    def _batch_loss(self, model_parts: list[nn.Module], inputs: torch.Tensor,
-                    labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """(summed cross-entropy, token count) of this rank's tokens of one batch. The pipeline schedule's eval path
-        would replace the plain forward here (see the module docstring)."""
-        (model,) = model_parts
-        with cp_context(self.cp_mesh, model_parts, inputs, labels):
+    def _batch_loss(self, model, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """(summed cross-entropy, token count) of this rank's tokens of one batch."""
+        with model.batch_context(inputs, labels):
             # Inside the context inputs and labels are this rank's part of the sequence.
-            with self.autocast:
-                logits = model(inputs)
-            with self.loss_context():
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum")
+            with model.autocast:
+                logits = model.model(inputs)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum")
             tokens = labels.numel()
         # A loss-parallel loss is a DTensor replicated over tp: the local value is the whole sum.
         loss = loss.to_local() if isinstance(loss, DTensor) else loss
@@ -235,7 +208,7 @@ class Validator:
         """Context parallel shards the RoPE table together with the sequence, so for a validation seq_len below
         training's the table must be cut to seq_len rows for the pass (without CP, attention slices it itself)."""
         tables = [part.rope_cache for part in model_parts]
-        if self.cp_mesh is None or all(t.shape[0] == self.data.seq_len for t in tables):
+        if self.dims.cp == 1 or all(t.shape[0] == self.data.seq_len for t in tables):
             yield
             return
         try:

@@ -6,6 +6,7 @@ process, and the launcher itself is run once, to show the in-process result is w
 """
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -204,24 +205,37 @@ def test_async_tensor_parallel_refused_on_cpu(entry, tmp_path):
     assert "enable_async_tensor_parallel = true needs CUDA" in lines[0] and "on cpu" in lines[0]
 
 
-def test_dry_run_accepts_async_tensor_parallel_for_another_machine(tmp_path):
-    # DRY_RUN checks a config for NGPU ranks of any machine, so a CUDA-only feature is not refused on a laptop.
-    proc = _run(2, ["--parallelism.tensor_parallel_degree", "2", "--parallelism.enable_async_tensor_parallel"],
-                tmp_path, None)
+def test_dry_run_plans_for_cuda_unless_told_cpu(tmp_path):
+    # DRY_RUN checks a config for NGPU ranks of a CUDA machine by default, so a CUDA-only feature is not refused on
+    # a laptop; --device cpu checks it for CPU ranks, where it is.
+    args = ["--parallelism.tensor_parallel_degree", "2", "--parallelism.enable_async_tensor_parallel",
+            "--compile.enable"]
+    proc = _run(2, args, tmp_path, None)
     assert proc.returncode == 0 and "dry run OK" in proc.stdout, proc.stderr
+    proc = _run(2, [*args, "--device", "cpu"], tmp_path, None)
+    _assert_one_line(proc.returncode, proc.stdout, proc.stderr, [])
+    assert "on cpu" in proc.stderr.lower(), proc.stderr
 
 
 def test_valid_configs_pass_dry_run(tmp_path):
-    # Each shipped config is valid for the NGPU it is written for.
-    # The 3-D configs ask for tensor_parallel_degree = 2, refused until tensor parallel lands: until then they
-    # are checked with its ranks given to FSDP instead (tp=1, dp_shard=4), the layout the 8-rank CPU test trains.
-    no_tp = ["--parallelism.tensor_parallel_degree", "1", "--parallelism.data_parallel_shard_degree", "4",
-             "--training.global_batch_size", "64"]
-    for config, ngpu, extra in (("configs/debug_model.toml", 1, []), ("configs/llama3_8b.toml", 8, []),
-                                ("configs/smollm_1.7b.toml", 8, []), ("configs/smollm_1.7b_3d.toml", 8, no_tp),
-                                ("configs/cpu_3d.toml", 8, no_tp)):
-        proc = _run(ngpu, ["--job.config_file", config, *extra], tmp_path, None)
+    # Each shipped config is valid, as written, for the NGPU it is written for.
+    for config, ngpu in (("configs/debug_model.toml", 1), ("configs/llama3_8b.toml", 8),
+                         ("configs/smollm_1.7b.toml", 8), ("configs/smollm_1.7b_3d.toml", 8),
+                         ("configs/cpu_3d.toml", 8)):
+        proc = _run(ngpu, ["--job.config_file", config], tmp_path, None)
         assert proc.returncode == 0 and "dry run OK" in proc.stdout, (config, proc.stderr)
+
+
+def test_dry_run_memory_uses_the_dtype_of_the_planned_device(tmp_path):
+    # mixed_precision_param = auto is bf16 on CUDA and fp32 on CPU: the activation estimate follows, and says so.
+    args = ["--job.config_file", "configs/llama3_8b.toml", "--training.mixed_precision_param", "auto"]
+    reports = {device: _run(8, [*args, "--device", device], tmp_path, None) for device in ("cuda", "cpu")}
+    for device, dtype in (("cuda", "bfloat16"), ("cpu", "float32")):
+        proc = reports[device]
+        assert proc.returncode == 0, proc.stderr
+        assert f"device: {device}; compute dtype {dtype} (mixed_precision_param = auto on {device}" in proc.stdout
+    act = {device: float(re.search(r"activations ([\d.]+) GiB", p.stdout).group(1)) for device, p in reports.items()}
+    assert act["cpu"] > 1.5 * act["cuda"], act  # fp32 activations, logits aside, are twice bf16's
 
 
 def test_gpu_only_features_pass_dry_run_on_cpu(tmp_path):

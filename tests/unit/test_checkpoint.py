@@ -94,7 +94,7 @@ def test_hf_export_after_a_step_holds_the_trained_weights(hf_source, tmp_path):
                     "--checkpoint.last_save_in_hf", "--training.steps", "1")
     exported = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "checkpoint/export/step-1",
                                                              attn_implementation="eager").eval()
-    ours = logits(trainer.model.eval(), TOKENS)
+    ours = logits(trainer.model.model.eval(), TOKENS)
     assert (logits(exported, TOKENS) - ours).abs().max().item() < ATOL
     assert (logits(hf_model, TOKENS) - ours).abs().max().item() > 1e-3  # the step did move the weights
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from trainer.models.llama import Transformer, get_model_args
-from trainer.parallel.init_weights import init_weights
+from trainer.weights import init_weights
 
 
 @pytest.mark.parametrize("name", ["llama3", "smollm"])

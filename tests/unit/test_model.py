@@ -165,7 +165,7 @@ def test_meta_init_then_materialise_matches_eager():
 
 def test_materializing_from_meta_keeps_tied_embeddings():
     # to_empty() from meta unties shared parameters; the trainer's materialization must re-tie them.
-    from trainer.parallel.init_weights import init_weights
+    from trainer.weights import init_weights
 
     with torch.device("meta"):
         model = Transformer(get_model_args("smollm", "debugmodel"))

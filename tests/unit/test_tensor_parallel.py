@@ -11,11 +11,10 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from trainer.build import build_model, plan_run
 from trainer.config import load_config
 from trainer.dry_run import dry_run
 from trainer.models.llama import Transformer, get_model_args, num_params
-from trainer.parallel import parallelize
-from trainer.parallel_dims import ParallelDims
 from trainer.torch_private import init_fake_process_group
 
 # Column-wise layers shard their [out, in] weight on dim 0, row-wise ones on dim 1, norms are replicated.
@@ -25,14 +24,12 @@ EXPECTED_TP_PLACEMENT = {"wq": Shard(0), "wk": Shard(0), "wv": Shard(0), "w1": S
 
 
 def build(name: str, world_size: int, overrides: list[str]) -> Transformer:
-    """The meta model exactly as rank 0 of a `world_size`-rank run parallelizes it."""
+    """The meta model exactly as rank 0 of a `world_size`-rank run parallelizes it (the build path DRY_RUN uses)."""
     cfg = load_config(["--model.name", name, "--training.seq_len", "64", *overrides])
-    dims = ParallelDims.resolve(cfg.parallelism, world_size)
+    plan = plan_run(cfg, world_size, "cpu")
     init_fake_process_group(rank=0, world_size=world_size)
-    dims.build_mesh("cpu")
-    with torch.device("meta"):
-        model = Transformer(get_model_args(name, "debugmodel"))
-    return parallelize(model, dims, cfg, torch.float32)
+    plan.dims.build_mesh("cpu")
+    return build_model(plan, torch.device("cpu"), init=False).model
 
 
 @pytest.fixture(autouse=True)

@@ -64,17 +64,18 @@ def test_passes_restart_and_leave_training_alone(tmp_path):
                        "--validation.dataset_path", str(val_file), "--validation.seq_len", "32",
                        "--validation.local_batch_size", "2"])
     trainer = Trainer(cfg)
-    model, validator = trainer.model, trainer.validator
+    parts, validator = trainer.model, trainer.validator
+    model = parts.model
     params = {name: p.detach().clone() for name, p in model.named_parameters()}
     loader_state, rng = trainer.dataloader.state_dict(), torch.get_rng_state()
 
-    whole = validator.validate([model], 1)
+    whole = validator.validate(parts, 1)
     assert (whole.batches, whole.tokens) == (5, 5 * 2 * 32)  # 11 windows of 32 tokens, batches of 2
     validator.steps = 2
-    cut = validator.validate([model], 2)
+    cut = validator.validate(parts, 2)
     assert (cut.batches, cut.tokens) == (2, 2 * 2 * 32)
     validator.steps = -1
-    again = validator.validate([model], 3)  # a pass cut short does not shift the next one
+    again = validator.validate(parts, 3)  # a pass cut short does not shift the next one
     assert (again.loss, again.tokens) == (whole.loss, whole.tokens)
     assert whole.perplexity == pytest.approx(torch.tensor(whole.loss).exp().item())
 

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from trainer.models.llama import ModelArgs, RopeScaling, Transformer, canonical_param_name
+from trainer.models.llama import ModelArgs, RopeScaling, Transformer
 
 # Per-layer names: ours -> HF (under "model.layers.{i}.").
 _LAYER_NAMES = {
@@ -53,7 +53,6 @@ def to_hf_state_dict(sd: dict[str, Tensor], args: ModelArgs) -> dict[str, Tensor
     """Rename our full state dict to HF LlamaForCausalLM names; lm_head is left out when embeddings are tied."""
     hf_sd = {}
     for name, tensor in sd.items():
-        name = canonical_param_name(name)
         if name == "output.weight" and args.tie_word_embeddings:
             continue
         hf_sd[_hf_name(name)] = tensor

@@ -169,17 +169,12 @@ def flops_per_token(args: ModelArgs, seq_len: int) -> int:
     return 6 * num_params(args, exclude_embedding=True) + attention
 
 
-def canonical_param_name(name: str) -> str:
-    """Parameter name with wrapper prefixes (activation checkpointing, torch.compile) removed."""
-    return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
-
-
 def param_generator(seed: int, name: str, device: torch.device | str) -> torch.Generator:
-    """A generator seeded from (seed, canonical name): a parameter's initial value is then the same in any
+    """A generator seeded from (seed, parameter name): a parameter's initial value is then the same in any
     parallel layout or pipeline split, however many other parameters this rank holds."""
     generator = torch.Generator(device=device)
     # One 32-bit hash of both: the CPU generator (mt19937) ignores the high 32 bits of a 64-bit seed.
-    generator.manual_seed(zlib.crc32(f"{seed}/{canonical_param_name(name)}".encode()))
+    generator.manual_seed(zlib.crc32(f"{seed}/{name}".encode()))
     return generator
 
 
@@ -358,7 +353,6 @@ class Transformer(nn.Module):
         sqrt(dim) * |e|, which dim**-0.5 would make ~sqrt(dim) and the initial loss ~12 instead of ~log(vocab).
         Normals are cut at 3 std.
         """
-        name = canonical_param_name(name)
         parts = name.split(".")
         out_std = self.args.dim**-0.5
         if name.endswith("norm.weight"):

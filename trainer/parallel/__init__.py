@@ -6,16 +6,22 @@ from torch import nn
 from trainer.config import JobConfig
 from trainer.parallel.activation_checkpoint import apply_activation_checkpointing
 from trainer.parallel.compile import apply_compile
+from trainer.parallel.context_parallel import apply_context_parallel
 from trainer.parallel.fsdp import apply_fsdp
 from trainer.parallel.tensor_parallel import apply_tensor_parallel
 from trainer.parallel_dims import ParallelDims
 
 
-def parallelize(model: nn.Module, dims: ParallelDims, cfg: JobConfig, param_dtype: torch.dtype) -> nn.Module:
-    """Apply, in torchtitan's order, TP -> CP -> activation checkpointing -> compile -> FSDP to a meta model."""
+def parallelize(model: nn.Module, dims: ParallelDims, cfg: JobConfig, param_dtype: torch.dtype,
+                device_type: str) -> nn.Module:
+    """Apply, in torchtitan's order, TP -> CP -> activation checkpointing -> compile -> FSDP to a meta model (or
+    one pipeline stage of it). `device_type` is the device the run trains on."""
+    p = cfg.parallelism
     if dims.tp > 1:
         apply_tensor_parallel(model, dims.mesh("tp"), loss_parallel_enabled=dims.loss_parallel_enabled,
-                              async_tp=cfg.parallelism.enable_async_tensor_parallel)
+                              async_tp=p.enable_async_tensor_parallel)
+    if dims.cp > 1:
+        apply_context_parallel(device_type, p.context_parallel_load_balance, p.context_parallel_rotate_method)
     ac = cfg.activation_checkpoint
     apply_activation_checkpointing(model, ac.mode, ac.selective_ac_option)
     if cfg.compile.enable and "model" in cfg.compile.components:
@@ -23,5 +29,5 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: JobConfig, param_dtyp
     if dims.fsdp_enabled:
         apply_fsdp(model, dims.mesh("fsdp"), param_dtype=param_dtype,
                    reduce_dtype=getattr(torch, cfg.training.mixed_precision_reduce),
-                   reshard_after_forward=cfg.parallelism.fsdp_reshard_after_forward, pp_enabled=dims.pp > 1)
+                   reshard_after_forward=p.fsdp_reshard_after_forward, pp_enabled=dims.pp > 1)
     return model

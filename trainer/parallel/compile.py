@@ -14,12 +14,8 @@ from torch import nn
 from trainer.config import ConfigError, JobConfig
 
 
-def check_compile_supported(cfg: JobConfig, device_type: str | None) -> None:
-    """Raise ConfigError for a compile setting this run cannot use.
-
-    device_type is the device the run trains on, or None for DRY_RUN: the dry-run host is not the training host
-    (a GPU config is checked on a laptop), so the device-dependent checks are left to the Trainer.
-    """
+def check_compile_supported(cfg: JobConfig, device_type: str) -> None:
+    """Raise ConfigError for a compile setting a run on `device_type` ("cuda" or "cpu") cannot use."""
     c = cfg.compile
     if not (c.enable and c.components):
         return

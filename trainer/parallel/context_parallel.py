@@ -1,7 +1,9 @@
 """Context parallel: every sequence is split over the `cp` mesh dim and attention runs as a ring over it.
 
-torch's `context_parallel` context manager shards the buffers in place (inputs and labels on dim 1, the RoPE
-table on dim 0) and routes SDPA to ring attention. With load balancing, each rank holds chunks i and 2cp-1-i of
+Two halves: `apply_context_parallel` (called by `parallelize`, once) sets the process-wide ring-attention options,
+and `cp_context` is the context every batch's forward and backward run in (the model's `batch_context`). Inside
+it torch's `context_parallel` shards the buffers in place (inputs and labels on dim 1, the RoPE table on dim 0)
+and routes SDPA to ring attention. With load balancing, each rank holds chunks i and 2cp-1-i of
 the sequence so causal attention costs every rank the same. The loss on a rank is the mean over its tokens;
 FSDP averages gradients over dp_shard x cp, so the step equals the unsplit one. On CPU the ring needs
 `enable_cpu_context_parallel` (a private-API shim, see trainer/torch_private.py).
@@ -17,8 +19,8 @@ from torch.distributed.tensor.experimental import context_parallel
 from trainer.torch_private import enable_cpu_context_parallel, set_context_parallel_options
 
 
-def setup_context_parallel(device_type: str, load_balance: bool, rotate_method: str) -> None:
-    """Process-wide settings, once before training."""
+def apply_context_parallel(device_type: str, load_balance: bool, rotate_method: str) -> None:
+    """Process-wide ring-attention settings, once per model build (the model itself is left unchanged)."""
     if device_type == "cpu":
         enable_cpu_context_parallel()
     set_context_parallel_options(load_balance, rotate_method)

@@ -280,20 +280,3 @@ def build_pipeline(model: nn.Module, plan: PipelinePlan, dims: ParallelDims, dev
     tied = model.args.tie_word_embeddings
     tied_group = _first_last_group(dims, plan) if tied else None
     return Pipeline(plan, schedule, parts, stage_ids, pp_mesh.get_group(), tied, tied_group)
-
-
-class ModelPartsView(nn.Module):
-    """This rank's pipeline stages as one module with the unsplit model's parameter names.
-
-    Checkpointing saves and loads by name, so a stage-split run reshards to and from any other layout. Holds
-    references only: the stages keep running on their own.
-    """
-
-    def __init__(self, parts: list[nn.Module]):
-        super().__init__()
-        self.layers = nn.ModuleDict()
-        for part in parts:
-            for name in ("tok_embeddings", "norm", "output"):
-                if getattr(part, name, None) is not None:
-                    setattr(self, name, getattr(part, name))
-            self.layers.update(part.layers)

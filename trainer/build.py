@@ -1,0 +1,228 @@
+"""The one build path: `plan_run` makes every check and derived figure of a run, `build_model` builds the model it
+trains. The Trainer, DRY_RUN, scripts/generate.py and the tests all call these, so a layout is planned, checked and
+built the same way wherever it is.
+
+The model is built as picotron and torchtitan build it: the whole Transformer on the meta device, cut into this
+rank's pipeline stages, each parallelized from the outside (TP -> CP -> AC -> compile -> FSDP, see
+`trainer.parallel.parallelize`), then materialized shard by shard with weights that depend only on (seed, name).
+"""
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+
+from trainer.config import ConfigError, JobConfig
+from trainer.data.datasets import DATASET_NAMES
+from trainer.data.tokenizer import Tokenizer
+from trainer.models.llama import ModelArgs, Transformer, get_model_args
+from trainer.parallel import parallelize
+from trainer.parallel.compile import check_compile_supported
+from trainer.parallel.context_parallel import cp_context
+from trainer.parallel.pipeline import Pipeline, PipelinePlan, build_pipeline, plan_pipeline
+from trainer.parallel.tensor_parallel import apply_tensor_parallel, loss_context
+from trainer.parallel_dims import ParallelDims, tp_shape_problem
+from trainer.validate import check_validation_data, check_validation_layout, validation_data
+from trainer.weights import init_weights, materialize
+
+
+def resolve_param_dtype(name: str, device_type: str) -> torch.dtype:
+    """training.mixed_precision_param (or generate.py's --dtype) -> dtype; auto is bf16 on CUDA and fp32 on CPU."""
+    if name == "auto":
+        return torch.bfloat16 if device_type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def check_device(cfg: JobConfig, device_type: str) -> None:
+    """Checks that depend on the device the run trains on."""
+    check_compile_supported(cfg, device_type)
+    if cfg.parallelism.enable_async_tensor_parallel:
+        if device_type != "cuda":
+            raise ConfigError(f"parallelism.enable_async_tensor_parallel = true needs CUDA (and torch.compile), but "
+                              f"this run is on {device_type}; set it to false")
+        if not cfg.compile.enable:
+            raise ConfigError("parallelism.enable_async_tensor_parallel = true needs torch.compile; set "
+                              "compile.enable = true")
+
+
+def model_args_for(cfg: JobConfig) -> ModelArgs:
+    """The model's shape from model.name / model.flavor (ConfigError if unknown), RoPE tables of training.seq_len."""
+    try:
+        args = get_model_args(cfg.model.name, cfg.model.flavor)
+    except ValueError as e:
+        raise ConfigError(f"model.name = {cfg.model.name!r}, model.flavor = {cfg.model.flavor!r}: {e}") from None
+    # The tables must match the sequence exactly: context parallel shards them alongside the tokens.
+    args.max_seq_len = cfg.training.seq_len
+    return args
+
+
+def gradient_accumulation_steps(cfg: JobConfig, dp: int) -> int:
+    """global_batch_size / (local_batch_size x dp), which must divide exactly."""
+    t = cfg.training
+    per_step = t.local_batch_size * dp
+    if t.global_batch_size == -1:
+        return 1
+    if t.global_batch_size % per_step:
+        raise ConfigError(f"training.global_batch_size = {t.global_batch_size} is not a multiple of local_batch_size "
+                          f"{t.local_batch_size} x data-parallel degree {dp} = {per_step}; make it a multiple")
+    return t.global_batch_size // per_step
+
+
+@dataclass
+class RunPlan:
+    """Everything decided about a run before anything is allocated: made by `plan_run`, from the config alone."""
+
+    cfg: JobConfig
+    device_type: str
+    """The device the run trains on ("cuda" or "cpu"); for DRY_RUN, the one it checks the config for."""
+    model_args: ModelArgs
+    dims: ParallelDims
+    accum_steps: int
+    """Micro-batches per optimizer step (gradient accumulation)."""
+    pp_plan: PipelinePlan | None
+    """Stages, schedule and microbatches with pipeline parallel; None without."""
+    param_dtype: torch.dtype
+    """Dtype of the parameters in forward and backward (fp32 master weights are kept)."""
+    seed: int
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens of one global batch: every window is full (packed), so the count is fixed."""
+        t = self.cfg.training
+        return t.local_batch_size * t.seq_len * self.accum_steps * self.dims.dp
+
+    @property
+    def needs_tokenizer(self) -> bool:
+        """Whether training or validation reads text (everything but synthetic data)."""
+        v = self.cfg.validation
+        return self.cfg.training.dataset != "synthetic" or (v.enable and validation_data(self.cfg).dataset != "synthetic")
+
+
+def plan_run(cfg: JobConfig, world_size: int, device_type: str) -> RunPlan:
+    """Check `cfg` for `world_size` ranks on `device_type` and derive the run's figures; ConfigError if invalid.
+
+    Needs no process group and reads no data: DRY_RUN plans any layout on any machine with it."""
+    check_device(cfg, device_type)
+    model_args = model_args_for(cfg)
+    dims = ParallelDims.resolve(cfg.parallelism, world_size)
+    dims.validate_model(model_args)
+    dims.check_seq_len("training.seq_len", cfg.training.seq_len)
+    check_validation_layout(cfg, dims)
+    accum = gradient_accumulation_steps(cfg, dims.dp)
+    pp_plan = (plan_pipeline(cfg.parallelism, cfg.training.local_batch_size, model_args.n_layers)
+               if dims.pp > 1 else None)
+    param_dtype = resolve_param_dtype(cfg.training.mixed_precision_param, device_type)
+    seed = cfg.debug.seed if cfg.debug.seed is not None else 0
+    return RunPlan(cfg, device_type, model_args, dims, accum, pp_plan, param_dtype, seed)
+
+
+def check_data(cfg: JobConfig) -> None:
+    """The training and validation datasets are known and their paths exist, checked without reading them."""
+    t = cfg.training
+    if t.dataset not in DATASET_NAMES:
+        raise ConfigError(f"training.dataset = {t.dataset!r} is not one of {', '.join(DATASET_NAMES)}")
+    if t.dataset_path and not Path(t.dataset_path).exists():
+        raise ConfigError(f"training.dataset_path = {t.dataset_path!r} does not exist; point it at a file or folder")
+    check_validation_data(cfg)
+
+
+def load_tokenizer(plan: RunPlan) -> Tokenizer | None:
+    """The tokenizer in model.hf_assets_path, or None when no data needs one; ConfigError if missing or too large."""
+    if not plan.needs_tokenizer:
+        return None
+    cfg = plan.cfg
+    try:
+        tokenizer = Tokenizer.from_path(cfg.model.hf_assets_path)
+    except FileNotFoundError as e:
+        raise ConfigError(f"model.hf_assets_path = {cfg.model.hf_assets_path!r}: {e}") from None
+    if tokenizer.vocab_size > plan.model_args.vocab_size:
+        raise ConfigError(f"model.hf_assets_path: the tokenizer has {tokenizer.vocab_size} tokens but {cfg.model.name} "
+                          f"{cfg.model.flavor} embeds only {plan.model_args.vocab_size}; use the model's own tokenizer")
+    return tokenizer
+
+
+class ModelParts:
+    """What this rank holds of the model, and how a batch runs through it.
+
+    `parts`: one module per pipeline stage this rank runs (a single module without PP); `pipeline`: the schedule
+    that drives them, or None. `batch_context(inputs, labels)` is the context a batch's forward, loss and backward
+    run in (context parallel's sharding of the batch and the RoPE tables, loss parallel); `autocast` wraps the
+    forward when no FSDP MixedPrecisionPolicy casts the parameters.
+    """
+
+    def __init__(self, parts: list[nn.Module], pipeline: Pipeline | None, dims: ParallelDims,
+                 autocast: contextlib.AbstractContextManager):
+        self.parts, self.pipeline, self.dims, self.autocast = parts, pipeline, dims, autocast
+        self._cp_mesh = dims.optional_mesh("cp")
+
+    @property
+    def model(self) -> nn.Module | None:
+        """The one part, when this rank holds the model in one piece (no PP, or a single-stage schedule)."""
+        return self.parts[0] if len(self.parts) == 1 else None
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for part in self.parts for p in part.parameters()]
+
+    def batch_context(self, inputs: torch.Tensor, labels: torch.Tensor) -> contextlib.ExitStack:
+        """Enter around one batch's forward, loss and backward. With context parallel, inputs and labels are this
+        rank's part of the sequence inside (and stay so); the RoPE tables are restored on exit."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(cp_context(self._cp_mesh, self.parts, inputs, labels))
+        stack.enter_context(loss_context(self.dims.loss_parallel_enabled))
+        return stack
+
+    def train(self, mode: bool = True) -> None:
+        for part in self.parts:
+            part.train(mode)
+
+
+def build_model(plan: RunPlan, device: torch.device,
+                loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                init: bool = True) -> ModelParts:
+    """This rank's model: built on meta, cut into its pipeline stages, parallelized, and (with `init`) materialized
+    on `device` with the run's seed. The mesh must be built (plan.dims.build_mesh) when the world has several ranks.
+
+    `loss_fn(logits, labels)`: the loss of one local batch, which the pipeline schedule calls on the last stage.
+    init=False leaves the weights on meta (DRY_RUN counts them without allocating).
+    """
+    dims, cfg = plan.dims, plan.cfg
+    with torch.device("meta"):
+        model = Transformer(plan.model_args)
+
+    def parallelize_part(part: nn.Module) -> nn.Module:
+        return parallelize(part, dims, cfg, plan.param_dtype, plan.device_type)
+
+    pipeline = None
+    if plan.pp_plan is not None:
+        pipeline = build_pipeline(model, plan.pp_plan, dims, device, parallelize_part,
+                                  loss_fn or (lambda logits, labels: logits.sum()))
+        parts = pipeline.model_parts
+    else:
+        parts = [parallelize_part(model)]
+    if init:
+        for part in parts:
+            init_weights(part, plan.seed, device)
+            part.train()
+    # Without FSDP there is no MixedPrecisionPolicy to cast parameters, so autocast does it.
+    autocast = (torch.autocast(device.type, dtype=plan.param_dtype)
+                if plan.param_dtype != torch.float32 and not dims.fsdp_enabled else contextlib.nullcontext())
+    return ModelParts(parts, pipeline, dims, autocast)
+
+
+def build_inference_model(args: ModelArgs, device: torch.device | str,
+                          tp_mesh: DeviceMesh | None = None) -> Transformer:
+    """A model for generation with uninitialised weights on `device` (a checkpoint fills them) and its RoPE table
+    computed; with `tp_mesh`, sharded over it with the inference tensor-parallel plan (no sequence parallel, full
+    logits). ConfigError when the tp degree cannot shard this model."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    if tp_mesh is not None:
+        if problem := tp_shape_problem(args, tp_mesh.size()):
+            raise ConfigError(f"--tp {tp_mesh.size()} {problem}")
+        apply_tensor_parallel(model, tp_mesh, loss_parallel_enabled=False, sequence_parallel=False)
+    materialize(model, device)
+    return model
