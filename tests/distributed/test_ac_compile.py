@@ -8,13 +8,8 @@ parameters by ~5e-6 there, which is why the tight check is against the same layo
 
 import pytest
 
-from tests.distributed.launch import run_steps
-from tests.distributed.parity import assert_matches_reference, base_overrides, layout_args, reference_run
+from tests.distributed.parity import assert_matches_reference
 
-LAYOUTS = {  # name -> (ranks, overrides); local batch chosen so each has the reference's global batch of 4
-    "1 process": (1, {"training.local_batch_size": 4}),
-    "dp_shard=2": (2, {"parallelism.data_parallel_shard_degree": 2, "training.local_batch_size": 2}),
-}
 RECOMPUTED = {"rtol": 1e-6, "param_atol": 1e-6}
 COMPILED = {"rtol": 1e-5, "param_atol": 1e-5}
 SELECTIVE_OP = {"activation_checkpoint.mode": "selective", "activation_checkpoint.selective_ac_option": "op"}
@@ -26,6 +21,7 @@ FEATURES = {  # name -> (overrides, tolerance against eager, slow: cold compile 
     "selective AC op": (SELECTIVE_OP, RECOMPUTED, False),
     "compile": ({"compile.enable": True}, COMPILED, True),
 }
+LAYOUTS = ("1 process", "dp_shard=2")
 MATRIX = {f"{feature}, {layout}": (layout, spec, tol, slow)
           for feature, (spec, tol, slow) in FEATURES.items() for layout in LAYOUTS}
 # Both together under FSDP: checkpointing is applied first and compile traces through it.
@@ -36,32 +32,10 @@ for feature in ("full AC", "selective AC op"):
 pytestmark = pytest.mark.distributed
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    return reference_run(tmp_path_factory.mktemp("ref"))
-
-
-@pytest.fixture(scope="module")
-def eager(reference, tmp_path_factory):
-    """layout name -> its eager run without checkpointing (1 process: the reference itself), each run once."""
-    runs = {"1 process": reference}
-
-    def get(layout: str) -> dict:
-        if layout not in runs:
-            ranks, spec = LAYOUTS[layout]
-            runs[layout] = run_steps(ranks, tmp_path_factory.mktemp("eager") / "run.pt",
-                                     base_overrides() + layout_args(spec))
-        return runs[layout]
-
-    return get
-
-
 @pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.slow) if case[3] else name
                                   for name, case in MATRIX.items()])
-def test_matches_eager(name, reference, eager, tmp_path):
+def test_matches_eager(name, runs):
     layout, spec, tol, _ = MATRIX[name]
-    ranks, layout_spec = LAYOUTS[layout]
-    got = run_steps(ranks, tmp_path / "run.pt", base_overrides() + layout_args({**layout_spec, **spec}))
-    assert got["world_size"] == ranks
-    assert_matches_reference(got, eager(layout), **tol)  # the feature's own effect
-    assert_matches_reference(got, reference)  # and the layout's, as in test_data_parallel.py
+    got = runs.steps(layout, **spec)
+    assert_matches_reference(got, runs.steps(layout), **tol)  # the feature's own effect, against eager
+    assert_matches_reference(got, runs.steps("1 process"))  # and the layout's, as in test_data_parallel.py

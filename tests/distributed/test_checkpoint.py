@@ -12,37 +12,21 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from tests.distributed.launch import ROOT, torchrun
-from tests.distributed.parity import base_overrides, layout_args
+from tests.distributed.launch import torchrun_job
+from tests.distributed.layouts import layout_overrides
 from trainer.checkpoint_files import MARKER
 
 pytestmark = pytest.mark.distributed
 
 STEPS = 10
-LAYOUTS = {  # name -> (ranks, overrides); every layout reads the global batch of 4 sequences per step
-    "1 process": (1, {"training.local_batch_size": 4}),
-    "dp_shard=2": (2, {"parallelism.data_parallel_shard_degree": 2, "training.local_batch_size": 2}),
-    "dp_shard=4": (4, {"parallelism.data_parallel_shard_degree": 4, "training.local_batch_size": 1}),
-    "tp=2": (2, {"parallelism.tensor_parallel_degree": 2, "parallelism.data_parallel_shard_degree": 1,
-                 "training.local_batch_size": 4}),
-    "cp=2": (2, {"parallelism.context_parallel_degree": 2, "parallelism.data_parallel_shard_degree": 1,
-                 "training.local_batch_size": 4}),
-    "pp=2": (2, {"parallelism.pipeline_parallel_degree": 2, "parallelism.data_parallel_shard_degree": 1,
-                 "training.local_batch_size": 4}),
-    "pp=2 Interleaved1F1B": (2, {"parallelism.pipeline_parallel_degree": 2,
-                                 "parallelism.pipeline_parallel_schedule": "Interleaved1F1B",
-                                 "parallelism.data_parallel_shard_degree": 1, "training.local_batch_size": 4}),
-    "dp_shard=2 x tp=2": (4, {"parallelism.tensor_parallel_degree": 2, "parallelism.data_parallel_shard_degree": 2,
-                              "training.local_batch_size": 2}),
-}
 ASYNC = {"checkpoint.async_mode": "async"}
-
+RUN = {"training.steps": STEPS, "metrics.log_freq": 1}
 
 
 @dataclass
 class Case:
     first: str  # layout of the run that is stopped
-    stop: list[str]  # how it stops: run_train.py switches
+    stop: list[str]  # how it stops: switches of jobs.train
     resumed: str  # layout of the run that resumes it
     resumed_from: int  # the step whose checkpoint the resumed run must load
     settings: dict = field(default_factory=dict)  # checkpoint settings of both runs
@@ -61,7 +45,7 @@ CASES = {
                                                       rtol=1e-5),
     "tp=2, SIGTERM after step 5": Case("tp=2", ["--signal-at-step", "5"], "tp=2", 5),
     "cp=2, SIGTERM after step 5": Case("cp=2", ["--signal-at-step", "5"], "cp=2", 5),
-    "pp=2, SIGTERM after step 5": Case("pp=2", ["--signal-at-step", "5"], "pp=2", 5),
+    "pp=2, SIGTERM after step 5": Case("pp=2 1F1B", ["--signal-at-step", "5"], "pp=2 1F1B", 5),
     "pp=2 Interleaved1F1B (2 stages per rank) -> dp_shard=2 (reshard)": Case(
         "pp=2 Interleaved1F1B", ["--signal-at-step", "5"], "dp_shard=2", 5, rtol=1e-5),
     "kill -9 during the async save of step 4": Case(
@@ -72,49 +56,36 @@ SLOW = {"dp_shard=2, from the async save of step 5", "dp_shard=4 -> dp_shard=2 (
         "pp=2 Interleaved1F1B (2 stages per rank) -> dp_shard=2 (reshard)"}
 
 
-def overrides(layout: str, settings: dict) -> list[str]:
-    return base_overrides() + layout_args({"training.steps": STEPS, "metrics.log_freq": 1, **LAYOUTS[layout][1],
-                                           **settings})
-
-
-def train(layout: str, out, settings: dict, switches: list[str] = (), expect_ok: bool = True):
-    proc = torchrun(LAYOUTS[layout][0], str(ROOT / "tests/distributed/run_train.py"),
-                    [str(out), *switches, *overrides(layout, settings)])
-    if expect_ok:
-        assert proc.returncode == 0, f"{layout} {switches} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-        return torch.load(out, weights_only=True), proc.stdout
-    return None, proc.stdout
-
-
-@pytest.fixture(scope="module")
-def straight(tmp_path_factory):
-    """Straight 10-step runs without checkpointing, one per layout, made on first use."""
-    runs = {}
-
-    def get(layout: str) -> dict:
-        if layout not in runs:
-            runs[layout], _ = train(layout, tmp_path_factory.mktemp("straight") / "run.pt", {})
-        return runs[layout]
-    return get
+def train(pool, layout: str, out, settings: dict, switches: list[str] = ()) -> tuple[dict, str]:
+    """The real loop (jobs.train) in a pooled worker; (rank 0's record, its stdout)."""
+    ranks, overrides = layout_overrides(layout, **RUN, **settings)
+    proc = pool.run(ranks, "train", out, [*switches, *overrides])
+    assert proc.returncode == 0, f"{layout} {switches} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return torch.load(out, weights_only=True), proc.stdout
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in CASES])
-def test_resume_continues_like_a_straight_run(name, straight, tmp_path):
+def test_resume_continues_like_a_straight_run(name, pool, runs, tmp_path):
     case = CASES[name]
     settings = {"checkpoint.enable": True, "job.dump_folder": str(tmp_path), "checkpoint.interval": 100,
                 **case.settings}
     folder = tmp_path / "checkpoint"
 
-    killed = case.stop[0] == "--kill-at-step"
-    first, _ = train(case.first, tmp_path / "first.pt", settings, case.stop, expect_ok=not killed)
-    if killed:  # while step 4 was being written: that folder exists but was never marked complete
+    def straight(layout: str) -> dict:  # the same layout without checkpointing, run once per session
+        return runs.run("train", layout, **RUN)[0]
+
+    if case.stop[0] == "--kill-at-step":  # a rank killed with -9 takes its launch down: a launch of its own
+        ranks, overrides = layout_overrides(case.first, **RUN, **settings)
+        torchrun_job(ranks, "train", tmp_path / "first.pt", [*case.stop, *overrides])
+        # while step 4 was being written: that folder exists but was never marked complete
         assert (folder / "step-4").is_dir() and not (folder / "step-4" / MARKER).exists()
         assert (folder / f"step-{case.resumed_from}" / MARKER).is_file()
     else:  # SIGTERM: a clean exit after saving the step; checkpointing changed no loss before it
+        first, _ = train(pool, case.first, tmp_path / "first.pt", settings, case.stop)
         assert sorted(first["losses"]) == list(range(1, int(case.stop[1]) + 1))
         assert first["losses"] == {s: straight(case.first)["losses"][s] for s in first["losses"]}
 
-    resumed, log = train(case.resumed, tmp_path / "resumed.pt", {**settings, **case.resume_settings})
+    resumed, log = train(pool, case.resumed, tmp_path / "resumed.pt", {**settings, **case.resume_settings})
     assert f"resumed from {folder / f'step-{case.resumed_from}'} " in log
     assert (resumed["first_step"], sorted(resumed["losses"])) == (case.resumed_from + 1,
                                                                     list(range(case.resumed_from + 1, STEPS + 1)))

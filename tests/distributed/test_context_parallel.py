@@ -2,40 +2,18 @@
 
 import pytest
 
-from tests.distributed.parity import check_layout
+from tests.distributed.parity import assert_matches_reference
 
-# name -> (ranks, overrides); every layout keeps the reference's global batch of 4 sequences of 64 tokens.
-LAYOUTS = {
-    "cp=2": (2, {"parallelism.context_parallel_degree": 2, "parallelism.data_parallel_shard_degree": 1}),
-    "cp=4": (4, {"parallelism.context_parallel_degree": 4, "parallelism.data_parallel_shard_degree": 1}),
-    "cp=2 alltoall": (2, {"parallelism.context_parallel_degree": 2, "parallelism.data_parallel_shard_degree": 1,
-                          "parallelism.context_parallel_rotate_method": "alltoall"}),
-    "cp=2 no load balance": (2, {"parallelism.context_parallel_degree": 2,
-                                 "parallelism.data_parallel_shard_degree": 1,
-                                 "parallelism.context_parallel_load_balance": False}),
-    "dp_shard=2 x cp=2": (4, {"parallelism.context_parallel_degree": 2, "parallelism.data_parallel_shard_degree": 2,
-                              "training.local_batch_size": 2}),
-    "cp=2 x tp=2": (4, {"parallelism.context_parallel_degree": 2, "parallelism.tensor_parallel_degree": 2,
-                        "parallelism.data_parallel_shard_degree": 1}),
-    "pp=2 x cp=2": (4, {"parallelism.context_parallel_degree": 2, "parallelism.pipeline_parallel_degree": 2,
-                        "parallelism.data_parallel_shard_degree": 1}),
-}
-# The full 5-D layout: 16 ranks on a 2-core machine, so slow; it still runs in CI.
-FIVE_D = (16, {"parallelism.pipeline_parallel_degree": 2, "parallelism.data_parallel_shard_degree": 2,
-               "parallelism.context_parallel_degree": 2, "parallelism.tensor_parallel_degree": 2,
-               "training.local_batch_size": 2})
+MATRIX = [  # (layout, slow): the full 5-D layout is 16 ranks on a 2-core machine; it still runs in CI
+    ("cp=2", False), ("cp=4", False), ("cp=2 alltoall", False), ("cp=2 no load balance", False),
+    ("dp_shard=2 x cp=2", False), ("cp=2 x tp=2", False), ("pp=2 x cp=2", False),
+    ("pp=2 x dp_shard=2 x cp=2 x tp=2", True),
+]
 
 pytestmark = pytest.mark.distributed
 
 
-@pytest.mark.parametrize("name", LAYOUTS)
-def test_layout_matches_single_process(name, reference, tmp_path):
-    ranks, spec = LAYOUTS[name]
-    spec = {"training.local_batch_size": 4, **spec}
-    check_layout(ranks, spec, reference, tmp_path / "run.pt")
-
-
-@pytest.mark.slow
-def test_five_d_layout_matches_single_process(reference, tmp_path):
-    ranks, spec = FIVE_D
-    check_layout(ranks, spec, reference, tmp_path / "run.pt")
+@pytest.mark.parametrize("layout", [pytest.param(layout, marks=[pytest.mark.slow] if slow else [])
+                                    for layout, slow in MATRIX])
+def test_layout_matches_single_process(layout, runs):
+    assert_matches_reference(runs.steps(layout), runs.steps("1 process"))

@@ -4,7 +4,6 @@ import json
 
 import pytest
 
-from tests.distributed.launch import ROOT, torchrun
 
 pytestmark = pytest.mark.distributed
 
@@ -18,12 +17,11 @@ LAYOUTS = {  # name -> (ranks, dp_replicate, dp_shard)
 
 
 @pytest.mark.parametrize("name", LAYOUTS)
-def test_mesh(name, tmp_path):
+def test_mesh(name, pool, tmp_path):
     ranks, rep, shard = LAYOUTS[name]
     out = tmp_path / "mesh.json"
-    proc = torchrun(ranks, str(ROOT / "tests/distributed/mesh_check.py"),
-                    [str(out), "--parallelism.data_parallel_replicate_degree", str(rep),
-                     "--parallelism.data_parallel_shard_degree", str(shard)], timeout=180)
+    proc = pool.run(ranks, "mesh", out, ["--parallelism.data_parallel_replicate_degree", str(rep),
+                                         "--parallelism.data_parallel_shard_degree", str(shard)], timeout=180)
     assert proc.returncode == 0, proc.stderr[-4000:]
     per_rank = json.loads(out.read_text())
     assert len(per_rank) == ranks

@@ -17,73 +17,46 @@ import subprocess
 
 import pytest
 
-from tests.distributed.launch import ROOT, run_steps
-from tests.distributed.parity import assert_reference_moves, base_overrides, check_layout, reference_run
+from tests.distributed.launch import ROOT
+from tests.distributed.parity import assert_matches_reference, assert_reference_moves
 
-PP = "parallelism.pipeline_parallel_degree"
-SCHEDULE = "parallelism.pipeline_parallel_schedule"
-DP_SHARD = "parallelism.data_parallel_shard_degree"
-TP = "parallelism.tensor_parallel_degree"
-LOCAL = "training.local_batch_size"
-
-
-def pp(degree: int, schedule: str, **spec) -> dict:
-    """Pipeline only: no data parallelism, so the local batch is the whole global batch."""
-    return {PP: degree, SCHEDULE: schedule, DP_SHARD: 1, LOCAL: 4, **spec}
-
-
-# name -> (ranks, model name, overrides, slow); llama3 unless named, smollm has tied embeddings.
-LAYOUTS = {
-    "pp=2 GPipe": (2, "llama3", pp(2, "GPipe"), True),
-    "pp=2 1F1B": (2, "llama3", pp(2, "1F1B"), False),
-    "pp=2 Interleaved1F1B": (2, "llama3", pp(2, "Interleaved1F1B"), False),
-    "pp=2 LoopedBFS": (2, "llama3", pp(2, "LoopedBFS"), True),
-    "pp=2 InterleavedZeroBubble": (2, "llama3", pp(2, "InterleavedZeroBubble"), True),
-    "pp=2 ZBVZeroBubble": (2, "llama3", pp(2, "ZBVZeroBubble"), False),
-    "pp=2 DualPipeV": (2, "llama3", pp(2, "DualPipeV"), True),
-    "pp=4 GPipe": (4, "llama3", pp(4, "GPipe"), True),
-    "pp=4 1F1B": (4, "llama3", pp(4, "1F1B"), True),
-    "pp=2 1F1B accumulation=2": (2, "llama3", pp(2, "1F1B", **{LOCAL: 2}), False),
-    "pp=2 x dp_shard=2 1F1B": (4, "llama3", pp(2, "1F1B", **{DP_SHARD: 2, LOCAL: 2}), False),
-    "pp=2 x dp_shard=2 Interleaved1F1B": (4, "llama3", pp(2, "Interleaved1F1B", **{DP_SHARD: 2, LOCAL: 2}), True),
-    "pp=2 explicit uneven stages": (2, "llama3", pp(2, "1F1B", **{
-        "parallelism.module_fqns_per_model_part":
-            '[["tok_embeddings", "layers.0"], ["layers.1", "layers.2", "layers.3", "layers.4", "layers.5", '
-            '"norm", "output"]]'}), True),
-    "tied pp=2 1F1B": (2, "smollm", pp(2, "1F1B"), False),
-    "tied pp=2 ZBVZeroBubble": (2, "smollm", pp(2, "ZBVZeroBubble"), True),
-    "tied pp=4 GPipe": (4, "smollm", pp(4, "GPipe"), True),
-    "tied pp=2 x dp_shard=2 1F1B": (4, "smollm", pp(2, "1F1B", **{DP_SHARD: 2, LOCAL: 2}), True),
-    "pp=2 x tp=2 1F1B": (4, "llama3", pp(2, "1F1B", **{TP: 2}), True),
-    "pp=2 x dp_shard=2 x tp=2 1F1B": (8, "llama3", pp(2, "1F1B", **{DP_SHARD: 2, TP: 2, LOCAL: 2}), True),
-}
+# (layout, model, slow); llama3 unless named, smollm has tied embeddings.
+MATRIX = [
+    ("pp=2 GPipe", "llama3", True),
+    ("pp=2 1F1B", "llama3", False),
+    ("pp=2 Interleaved1F1B", "llama3", False),
+    ("pp=2 LoopedBFS", "llama3", True),
+    ("pp=2 InterleavedZeroBubble", "llama3", True),
+    ("pp=2 ZBVZeroBubble", "llama3", False),
+    ("pp=2 DualPipeV", "llama3", True),
+    ("pp=4 GPipe", "llama3", True),
+    ("pp=4 1F1B", "llama3", True),
+    ("pp=2 1F1B accumulation=2", "llama3", False),
+    ("pp=2 x dp_shard=2 1F1B", "llama3", False),
+    ("pp=2 x dp_shard=2 Interleaved1F1B", "llama3", True),
+    ("pp=2 explicit uneven stages", "llama3", True),
+    ("pp=2 1F1B", "smollm", False),
+    ("pp=2 ZBVZeroBubble", "smollm", True),
+    ("pp=4 GPipe", "smollm", True),
+    ("pp=2 x dp_shard=2 1F1B", "smollm", True),
+    ("pp=2 x tp=2 1F1B", "llama3", True),
+    ("pp=2 x dp_shard=2 x tp=2 1F1B", "llama3", True),
+]
+# The 1-process run each model is compared with (smollm: microbatched, see the module docstring).
+REFERENCE = {"llama3": "1 process", "smollm": "accumulation=4"}
 
 pytestmark = pytest.mark.distributed
 
 
-@pytest.fixture(scope="module")
-def references(tmp_path_factory):
-    """One 1-process reference run per model name, made on first use (smollm: microbatched, see above)."""
-    cache = {}
-
-    def get(name: str) -> dict:
-        if name not in cache:
-            out = tmp_path_factory.mktemp(f"ref_{name}")
-            cache[name] = (reference_run(out, name=name) if name == "llama3" else
-                           run_steps(1, out / "ref.pt", base_overrides(name=name) + [f"--{LOCAL}", "1"]))
-        return cache[name]
-    return get
+@pytest.mark.parametrize("model", ["llama3", "smollm"])
+def test_reference_moves(model, runs):
+    assert_reference_moves(runs.steps(REFERENCE[model], model), name=model)
 
 
-@pytest.mark.parametrize("name", ["llama3", "smollm"])
-def test_reference_moves(name, references):
-    assert_reference_moves(references(name), name=name)
-
-
-@pytest.mark.parametrize("layout", [pytest.param(k, marks=pytest.mark.slow) if v[3] else k for k, v in LAYOUTS.items()])
-def test_layout_matches_single_process(layout, references, tmp_path):
-    ranks, name, spec, _ = LAYOUTS[layout]
-    check_layout(ranks, spec, references(name), tmp_path / "run.pt", name=name)
+@pytest.mark.parametrize("layout,model", [pytest.param(layout, model, marks=[pytest.mark.slow] if slow else [],
+                                                       id=f"{layout} ({model})") for layout, model, slow in MATRIX])
+def test_layout_matches_single_process(layout, model, runs):
+    assert_matches_reference(runs.steps(layout, model), runs.steps(REFERENCE[model], model))
 
 
 @pytest.mark.slow

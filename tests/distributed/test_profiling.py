@@ -4,13 +4,13 @@ import json
 
 import pytest
 
-from tests.distributed.launch import ROOT, torchrun
 
 pytestmark = pytest.mark.distributed
 
 
-def test_one_trace_per_rank_at_the_configured_steps(tmp_path):
-    proc = torchrun(2, str(ROOT / "trainer/train.py"), [
+def test_one_trace_per_rank_at_the_configured_steps(pool, tmp_path):
+    # The training entry point's own run (trainer.train.run), in a pooled worker.
+    proc = pool.run(2, "cli", tmp_path / "unused", [
         "--job.config_file", "configs/debug_model.toml", "--job.dump_folder", str(tmp_path),
         "--metrics.enable_tensorboard", "false", "--metrics.log_freq", "2", "--training.steps", "6",
         "--training.seq_len", "64", "--training.local_batch_size", "2",

@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.distributed.launch import ROOT, torchrun
-from tests.distributed.parity import base_overrides, layout_args
+from tests.distributed.launch import ROOT
+from tests.distributed.layouts import base_overrides, layout_args
 from trainer.data.datasets import C4_TEST_PATH, build_dataset
 from trainer.data.tokenizer import Tokenizer
 from trainer.models.llama import Transformer, get_model_args
@@ -64,9 +64,8 @@ def overrides(spec: dict, val_file, validation: bool) -> list[str]:
     return args + layout_args(spec)
 
 
-def run(ranks: int, out, args: list[str], dcp_dir=None) -> tuple[dict, str]:
-    proc = torchrun(ranks, str(ROOT / "tests/distributed/run_validation.py"),
-                    [str(out), *(["--dcp", str(dcp_dir)] if dcp_dir else []), *args], timeout=900)
+def run(pool, ranks: int, out, args: list[str], dcp_dir=None) -> tuple[dict, str]:
+    proc = pool.run(ranks, "validation", out, [*(["--dcp", str(dcp_dir)] if dcp_dir else []), *args])
     assert proc.returncode == 0, f"{ranks} ranks {args}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return torch.load(out, weights_only=True), proc.stdout
 
@@ -94,11 +93,11 @@ def expected_batches(n_windows: int, local_batch: int, dp: int, steps: int) -> i
 
 
 @pytest.mark.parametrize("name", LAYOUTS)
-def test_validation_matches_hand_evaluation(name, split, tmp_path):
+def test_validation_matches_hand_evaluation(name, split, pool, tmp_path):
     ranks, spec, compare_off = LAYOUTS[name]
     val_file, windows = split
     dcp_dir = tmp_path / "dcp" if name == "dp_shard=2, whole split" else None
-    got, stdout = run(ranks, tmp_path / "on.pt", overrides(spec, val_file, True), dcp_dir)
+    got, stdout = run(pool, ranks, tmp_path / "on.pt", overrides(spec, val_file, True), dcp_dir)
     assert got["world_size"] == ranks
 
     dp = spec.get("parallelism.data_parallel_shard_degree", 1)
@@ -117,7 +116,7 @@ def test_validation_matches_hand_evaluation(name, split, tmp_path):
     print(f"{name}: {len(evaluated)} of {len(windows)} windows, {batches} batches per rank; {json.dumps(report)}")
 
     if compare_off:
-        off, _ = run(ranks, tmp_path / "off.pt", overrides(spec, val_file, False))
+        off, _ = run(pool, ranks, tmp_path / "off.pt", overrides(spec, val_file, False))
         assert got["losses"] == off["losses"], "validation changed the training losses"
         assert off["validations"] == []
     if dcp_dir is not None:

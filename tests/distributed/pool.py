@@ -1,0 +1,113 @@
+"""The test side of the worker pool: one torchrun launch per world size, kept alive across tests (see worker.py).
+
+`WorkerPool.run(ranks, job, out, argv)` hands a job to the pool of that size, starting it on first use, and returns
+a CompletedProcess-like JobResult with rank 0's stdout and every rank's stderr. Pools of other sizes are closed when
+the ranks alive would exceed MAX_RANKS (memory: a worker holds torch, datasets and a model's worth of allocator
+caches). A job that does not finish in time, or a pool that died, is reported with its logs, and the pool is killed
+so that the next job starts a fresh one.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.distributed.launch import ROOT, rank_env
+
+MAX_RANKS = 16
+
+
+@dataclass
+class JobResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@dataclass
+class _Pool:
+    ranks: int
+    folder: Path
+    proc: subprocess.Popen
+    next_job: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self) -> None:
+        if self.alive():
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+
+class WorkerPool:
+    def __init__(self, root: Path):
+        self.root = root
+        self.pools: dict[int, _Pool] = {}
+        self._starts = 0
+
+    def _start(self, ranks: int) -> _Pool:
+        for size in sorted(self.pools, key=lambda s: self.pools[s].last_used):  # least recently used first
+            if sum(self.pools) + ranks <= MAX_RANKS:
+                break
+            self.close_pool(size)
+        self._starts += 1
+        folder = self.root / f"pool{ranks}-{self._starts}"
+        folder.mkdir(parents=True)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
+               f"--nproc-per-node={ranks}", str(ROOT / "tests/distributed/worker.py"), "--pool", str(folder)]
+        log = open(folder / "torchrun.log", "w")
+        proc = subprocess.Popen(cmd, env=rank_env(), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        log.close()
+        return _Pool(ranks, folder, proc)
+
+    def run(self, ranks: int, job: str, out: Path | str, argv: list[str], timeout: float = 600) -> JobResult:
+        """Run `job` (a name in jobs.JOBS) on `ranks` ranks; rank 0 writes its result to `out`."""
+        pool = self.pools.get(ranks)
+        if pool is None or not pool.alive():
+            pool = self.pools[ranks] = self._start(ranks)
+        index, pool.next_job = pool.next_job, pool.next_job + 1
+        job_file = pool.folder / f"job-{index}.json"
+        tmp = job_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"job": job, "out": str(out), "argv": [str(a) for a in argv]}))
+        os.replace(tmp, job_file)
+        done, deadline = pool.folder / f"job-{index}.done", time.monotonic() + timeout
+        while not done.exists() and pool.alive() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        pool.last_used = time.monotonic()
+        logs = [(pool.folder / f"job-{index}.rank{r}.{kind}") for kind in ("out", "err") for r in range(ranks)]
+        text = {path: path.read_text() if path.exists() else "" for path in logs}
+        stdout = text[logs[0]]
+        stderr = "".join(f"[rank {r}] {line}\n" for r in range(ranks)
+                         for line in text[pool.folder / f"job-{index}.rank{r}.err"].splitlines())
+        if done.exists():
+            codes = json.loads(done.read_text())["codes"]
+            return JobResult(next((c for c in codes if c), 0), stdout, stderr)
+        why = "timed out" if pool.alive() else f"pool died (exit {pool.proc.returncode})"
+        pool.kill()
+        del self.pools[ranks]
+        torchrun_log = (pool.folder / "torchrun.log").read_text()[-4000:]
+        return JobResult(124 if why == "timed out" else 1, stdout,
+                         f"{job} on {ranks} ranks: {why}\n{stderr}\n--- torchrun ---\n{torchrun_log}")
+
+    def close_pool(self, ranks: int) -> None:
+        pool = self.pools.pop(ranks)
+        if pool.alive():
+            stop = pool.folder / f"job-{pool.next_job}.json"
+            stop.with_suffix(".tmp").write_text(json.dumps({"stop": True}))
+            os.replace(stop.with_suffix(".tmp"), stop)
+            try:
+                pool.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+        pool.kill()
+
+    def close(self) -> None:
+        for ranks in list(self.pools):
+            self.close_pool(ranks)

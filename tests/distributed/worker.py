@@ -1,0 +1,99 @@
+"""A torchrun-launched rank that runs test jobs (tests/distributed/jobs.py) in one gloo process group.
+
+    torchrun --nproc-per-node N worker.py --pool DIR            run job after job from DIR until told to stop
+    torchrun --nproc-per-node N worker.py --job NAME OUT ARGS   run one job, then exit with its code
+
+Pool mode is what makes the distributed suite fast: a launch, the imports and the process group cost seconds per
+rank, a debug-model job a second or two, so each world size is launched once per test session. Protocol (see
+pool.py): the client writes DIR/job-K.json ({"job", "out", "argv"} or {"stop": true}) for K = 0, 1, ...; rank 0
+waits for it and broadcasts it; every rank runs it with its stdout/stderr in DIR/job-K.rankR.{out,err}; rank 0
+gathers the exit codes and writes DIR/job-K.done. A job that fails on some ranks only can leave the others in a
+collective: the client's timeout then kills the whole pool, and the next job starts a fresh one.
+"""
+
+import contextlib
+import gc
+import json
+import os
+import sys
+import time
+import traceback
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from tests.distributed.jobs import JOBS  # noqa: E402
+from trainer.distributed import shutdown  # noqa: E402
+
+# Idle ranks wait in a broadcast for the next job: the process group's timeout bounds the idle time too.
+IDLE_LIMIT = timedelta(hours=2)
+
+
+def run_job(job: dict) -> int:
+    """Run one job on this rank; its exit code (1 with the traceback on stderr for an exception)."""
+    try:
+        return JOBS[job["job"]](job["out"], list(job["argv"]))
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+        return 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _next_job(folder: Path, index: int) -> dict:
+    """Rank 0 waits for job `index` and shares it with every rank."""
+    box = [None]
+    if dist.get_rank() == 0:
+        path = folder / f"job-{index}.json"
+        while not path.exists():
+            time.sleep(0.02)
+        box[0] = json.loads(path.read_text())
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def serve(folder: Path) -> None:
+    """Pool mode: run jobs until a stop job arrives."""
+    rank = dist.get_rank()
+    index = 0
+    while not (job := _next_job(folder, index)).get("stop"):
+        base = folder / f"job-{index}.rank{rank}"
+        with open(f"{base}.out", "w") as out, open(f"{base}.err", "w") as err, \
+                contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = run_job(job)
+        codes = [None] * dist.get_world_size()
+        dist.all_gather_object(codes, code)
+        # What one job leaves behind must not reach the next: compiled graphs, garbage, the default dtype.
+        torch.compiler.reset()
+        gc.collect()
+        if rank == 0:
+            _write_atomic(folder / f"job-{index}.done", json.dumps({"codes": codes}))
+        index += 1
+
+
+def main() -> None:
+    dist.init_process_group("gloo", timeout=IDLE_LIMIT)
+    if sys.argv[1] == "--pool":
+        serve(Path(sys.argv[2]))
+        shutdown(0, clean=True)
+    assert sys.argv[1] == "--job", "usage: worker.py --pool DIR | --job NAME OUT ARGS..."
+    code = run_job({"job": sys.argv[2], "out": sys.argv[3], "argv": sys.argv[4:]})
+    shutdown(code, clean=code == 0)
+
+
+if __name__ == "__main__":
+    main()
