@@ -1,4 +1,5 @@
-"""Config precedence, nested sections, help text, the parallel-degree resolver and the LR schedule, against hand-computed values."""
+"""Config precedence, nested sections, help text, the parallel-degree resolver and the LR schedule, against
+hand-computed values."""
 
 import math
 
@@ -73,7 +74,8 @@ def test_nested_tables_and_flags(tmp_path):
     # a bare nested switch sets it; pin_memory is refused until the dataloader implements it
     with pytest.raises(ConfigError, match=r"^validation.dataloader.pin_memory = true: not implemented yet"):
         load_config(["--validation.dataloader.pin_memory"])
-    assert "[training.dataloader]" in help_text() and "--training.dataloader.num_workers (int, default 0)" in help_text()
+    text = help_text()
+    assert "[training.dataloader]" in text and "--training.dataloader.num_workers (int, default 0)" in text
 
 
 def test_torchtitan_cli_spellings():

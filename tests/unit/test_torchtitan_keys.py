@@ -157,7 +157,8 @@ def test_torchtitan_style_run_loads_where_expected():
     assert cfg.model.hf_assets_path == "./tests/assets/tokenizer"  # from tokenizer_path
     assert (cfg.training.seq_len, cfg.validation.steps, cfg.debug.seed) == (256, 2, 7)
     assert cfg.validation.dataloader.persistent_workers is False
-    assert cfg.quantize.linear.float8.filter_fqns == ["output"] and cfg.quantize.linear.float8.recipe_name == "tensorwise"
+    float8 = cfg.quantize.linear.float8
+    assert float8.filter_fqns == ["output"] and float8.recipe_name == "tensorwise"
     assert cfg.quantize.grouped_mm.float8.fqns == "experts"  # torchtitan's list[str] | str takes either
     assert cfg.fault_tolerance.group_size == 4 and cfg.activation_checkpoint.memory_budget == 0.3
 
