@@ -1,4 +1,5 @@
-"""Config precedence, help text, the parallel-degree resolver and the LR schedule, against hand-computed values."""
+"""Config precedence, nested sections, help text, the parallel-degree resolver and the LR schedule, against
+hand-computed values."""
 
 import math
 
@@ -59,3 +60,50 @@ def test_lr_schedule_by_hand():
     assert lr_factor(5, cos, 10) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
     sqrt = LRScheduler(warmup_steps=0, decay_type="sqrt")
     assert lr_factor(4, sqrt, 16) == pytest.approx(1 - math.sqrt(0.25))
+
+
+def test_nested_tables_and_flags(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("[training]\nsteps = 7\n[training.dataloader]\nnum_workers = 0\n"
+                    "[quantize.linear.float8]\nfilter_fqns = [\"output\"]\nemulate = true\n")
+    cfg = load_config(["--job.config_file", str(path), "--quantize.linear.float8.filter_fqns=output,layers.0",
+                       "--quantize.linear.float8.emulate", "false", "--quantize.linear.mx.recipe_name", "x"])
+    assert cfg.training.steps == 7 and cfg.training.dataloader.num_workers == 0
+    assert cfg.quantize.linear.float8.filter_fqns == ["output", "layers.0"]  # CLI over TOML, one level deeper
+    assert cfg.quantize.linear.float8.emulate is False and cfg.quantize.linear.mx.recipe_name == "x"
+    # a bare nested switch sets it; pin_memory is refused until the dataloader implements it
+    with pytest.raises(ConfigError, match=r"^validation.dataloader.pin_memory = true: not implemented yet"):
+        load_config(["--validation.dataloader.pin_memory"])
+    text = help_text()
+    assert "[training.dataloader]" in text and "--training.dataloader.num_workers (int, default 0)" in text
+
+
+def test_torchtitan_cli_spellings():
+    assert load_config(["--checkpoint.no_initial_load_model_only"]).checkpoint.initial_load_model_only is False
+    assert load_config(["--checkpoint.no-initial-load-model-only"]).checkpoint.initial_load_model_only is False
+    assert load_config(["--job.print-config"]).job.print_config is True
+
+
+@pytest.mark.parametrize("toml,args,expected", [
+    (None, ["--training.dataloader.num_workerz", "0"],
+     "unknown config key training.dataloader.num_workerz; did you mean 'num_workers'?"),
+    (None, ["--training.dataloadr.num_workers=0"], "unknown config section [training.dataloadr]; did you mean "
+                                                   "'dataloader'?"),
+    ("[quantize.linear.float9]\nemulate = false\n", [], "unknown config section [quantize.linear.float9]; did you "
+                                                        "mean 'float8'?"),
+    ("[quantize.linear.float8]\nemulat = false\n", [], "unknown config key quantize.linear.float8.emulat; did you "
+                                                       "mean 'emulate'?"),
+    ("[fooo.bar]\n", [], "unknown config section [fooo]; valid: "),
+    ("[training]\ndataloader = 2\n", [], "training.dataloader is a section, not a key: set its keys, e.g. "
+                                         "training.dataloader.num_workers"),
+    (None, ["--training.steps.x", "1"], "training.steps is a key, not a section"),
+    (None, ["--quantize.linear.float8"], "quantize.linear.float8 is a section, not a key"),
+    (None, ["--training.dataloader.prefetch_factor"], "--training.dataloader.prefetch_factor needs a value"),
+])
+def test_nested_mistakes_are_one_line(toml, args, expected, tmp_path):
+    if toml is not None:
+        (tmp_path / "c.toml").write_text(toml)
+        args = ["--job.config_file", str(tmp_path / "c.toml"), *args]
+    with pytest.raises(ConfigError) as e:
+        load_config(args)
+    assert "\n" not in str(e.value) and str(e.value).startswith(expected), str(e.value)

@@ -1,7 +1,10 @@
 """The TOML schema: one dataclass per section, a docstring under every field.
 
 Section and key names follow torchtitan v0.2.2 wherever the feature is the same, so a torchtitan TOML
-runs unchanged for every feature this trainer has. `--help` prints these docstrings.
+runs unchanged for every feature this trainer has. A field whose type is a dataclass is a nested section
+([training.dataloader]). Every key of torchtitan v0.2.2's JobConfig is here, and TORCHTITAN_KEYS (at the end)
+says for each whether it is implemented, planned, or never will be for llama3, and which values are accepted
+meanwhile. `--help` prints these docstrings and that status.
 """
 
 from dataclasses import dataclass, field
@@ -17,6 +20,12 @@ class Job:
     """Free text naming the run; printed at start."""
     print_config: bool = False
     """Print the resolved config (TOML + overrides + defaults) at start."""
+    save_config_file: str | None = None
+    """File name inside dump_folder to write the resolved config to at start, so the run records exactly what it ran
+    with; unset writes nothing."""
+    custom_config_module: str = ""
+    """Dotted name of an importable module whose JobConfig dataclass adds sections or keys to this schema before
+    the TOML is read; empty adds none."""
 
 
 @dataclass
@@ -27,6 +36,27 @@ class Model:
     """Size within the family, e.g. debugmodel, 1B, 8B, 70B (llama3); 7B (llama2); 135M, 1.7B (smollm)."""
     hf_assets_path: str = "./tests/assets/tokenizer"
     """Folder with tokenizer.json (and, for HF import, config.json + safetensors); see scripts/download_hf_assets.py."""
+    tokenizer_path: str | None = None
+    """Former name of hf_assets_path, which torchtitan deprecated: when set, it is used as hf_assets_path."""
+    converters: list[str] = field(default_factory=list)
+    """Module swaps applied to the built model, by registered name; torchtitan v0.2.2 has quantize.linear.float8,
+    quantize.linear.mx and their grouped_mm variants (low-precision training of nn.Linear through torchao, set up
+    in [quantize.*]). Empty keeps plain nn.Linear."""
+    print_after_conversion: bool = False
+    """Print the model's module tree once the converters have run."""
+
+
+@dataclass
+class DataLoader:
+    num_workers: int = 0
+    """Background processes that read, tokenize and batch the data; 0 does it in the training process."""
+    persistent_workers: bool = False
+    """Keep the worker processes from one pass over the data to the next instead of starting new ones; needs
+    num_workers > 0."""
+    pin_memory: bool = False
+    """Hand out batches in page-locked host memory, which copies to a GPU faster and asynchronously."""
+    prefetch_factor: int | None = None
+    """Batches each worker prepares ahead of use; unset means torch's choice (2 with workers); needs num_workers > 0."""
 
 
 @dataclass
@@ -54,6 +84,17 @@ class Training:
     """Dtype of the data-parallel gradient reduction: float32 or bfloat16."""
     gc_freq: int = 50
     """Run Python's garbage collector every this many steps (automatic collection is disabled to avoid stalls)."""
+    gc_debug: bool = False
+    """Collect garbage every step and report reference cycles that keep device tensors alive (slow; for finding
+    leaks in a short run)."""
+    enable_cpu_offload: bool = False
+    """Keep the FSDP shards of parameters, gradients and optimizer states in host memory, bringing them to the device
+    only while in use: fits a bigger model on a device, at the cost of speed."""
+    dtype: str = "float32"
+    """Dtype the model is stored and updated in: float32 (forward/backward then use mixed_precision_param), or
+    bfloat16 for pure bfloat16 training (parameters, gradients and optimizer states, with no float32 master copy)."""
+    dataloader: DataLoader = field(default_factory=DataLoader)
+    """Worker processes and memory pinning of the training data loader."""
 
 
 @dataclass
@@ -83,6 +124,11 @@ class Parallelism:
     rank r runs stages r and 2 x pp - 1 - r). Names are case-insensitive."""
     pipeline_parallel_microbatch_size: int = 1
     """Sequences per pipeline microbatch; training.local_batch_size / this = microbatches per schedule step."""
+    pipeline_parallel_schedule_csv: str | None = ""
+    """CSV file that lists a custom pipeline schedule action by action, run by pipeline_parallel_schedule's runtime;
+    empty (or unset) runs the named schedule as it is."""
+    pipeline_parallel_expert_parallel_overlap: bool = True
+    """With DualPipeV and expert parallel: overlap one microbatch's expert all-to-all with another's compute."""
     pipeline_parallel_layers_per_stage: int | None = None
     """Transformer layers per stage (the embedding and the output count as first/last_stage_less_layers layers);
     sets the number of stages. None: one stage per rank for single-stage schedules, two for the others."""
@@ -98,8 +144,18 @@ class Parallelism:
     """Context-parallel degree: each sequence is split over this many ranks and attention runs as a ring."""
     context_parallel_load_balance: bool = True
     """Give each context-parallel rank chunks i and 2cp-1-i of the sequence so causal attention is balanced."""
+    context_parallel_load_balancer: str | None = "headtail"
+    """torchtitan's spelling of context_parallel_load_balance: headtail (the chunk pairing above, = true) or none
+    (on the CLI; = false). ptrr, its balancer for FlexAttention, does not apply: attention here is SDPA. When both
+    keys are set they must agree."""
     context_parallel_rotate_method: str = "allgather"
     """How keys/values travel around the ring: allgather (gather all once) or alltoall (pass one chunk a step)."""
+    expert_parallel_degree: int = 1
+    """Ranks the experts of a mixture-of-experts layer are spread over."""
+    expert_tensor_parallel_degree: int = 1
+    """Tensor-parallel degree inside each expert when experts are spread over ranks."""
+    expert_parallel_comm_backend: str = "standard"
+    """How tokens travel to their experts and back: standard (torch all-to-all) or deepep (DeepEP kernels)."""
 
 
 @dataclass
@@ -118,12 +174,18 @@ class Optimizer:
     """Decoupled weight decay."""
     implementation: str = "foreach"
     """Kernel: for-loop, foreach or fused (fused needs every parameter on one device type that supports it)."""
+    early_step_in_backward: bool = False
+    """Update each parameter as soon as its gradient is complete in backward and free that gradient, so the whole
+    model's gradients never exist at once (saves memory; rules out gradient clipping)."""
 
 
 @dataclass
 class LRScheduler:
     warmup_steps: int = 200
     """Steps of linear warmup from ~0 to optimizer.lr."""
+    total_steps: int | None = None
+    """Steps the schedule is laid out over (warmup, stable part, decay); unset means training.steps. Larger than
+    training.steps, a short run follows the first part of a long run's learning-rate curve."""
     decay_ratio: float | None = None
     """Fraction of the steps after warmup spent decaying, the rest held at lr; None decays over all of them."""
     decay_type: str = "linear"
@@ -144,6 +206,8 @@ class Metrics:
     """Write TensorBoard scalars on every rank (into rank_N subfolders), not only on the logging ranks."""
     disable_color_printing: bool = False
     """Plain console output without ANSI colors."""
+    enable_wandb: bool = False
+    """Send the scalars TensorBoard gets to Weights & Biases too (project and run from the WANDB_* environment)."""
     peak_flops: float = -1.0
     """Peak FLOP/s of one device for MFU; -1 looks it up for known GPUs, or measures it once on CPU (cached)."""
 
@@ -168,6 +232,8 @@ class Validation:
     seq_len: int = -1
     """Tokens per validation sequence, at most training.seq_len (the length of the model's RoPE table); -1 uses
     training.seq_len."""
+    dataloader: DataLoader = field(default_factory=DataLoader)
+    """Worker processes and memory pinning of the validation data loader."""
 
 
 @dataclass
@@ -208,6 +274,17 @@ class Checkpoint:
     (a TOML list, or comma-separated on the CLI)."""
     enable_first_step_checkpoint: bool = False
     """Also save a full checkpoint after step 1, to check early that checkpointing works on this storage."""
+    create_seed_checkpoint: bool = False
+    """Build the model on one rank (NGPU=1, no parallelism), save its initial weights as step-0 and exit; runs of
+    any layout can then start from the same weights."""
+    load_only: bool = False
+    """Load checkpoints as usual but never save one, e.g. to evaluate or debug from a seed checkpoint."""
+    initial_load_in_hf_quantized: bool = False
+    """The HF folder in initial_load_path holds quantized weights (low-precision blocks plus scales) to dequantize
+    while loading."""
+    enable_ft_dataloader_checkpoints: bool = True
+    """With fault tolerance: checkpoint each replica group's data position, so a group that rejoins does not train
+    on batches again."""
 
 
 @dataclass
@@ -215,10 +292,31 @@ class ActivationCheckpoint:
     mode: str = "none"
     """Recompute activations in backward instead of keeping them: none, full (every transformer block keeps only
     its input) or selective (see selective_ac_option). torchtitan defaults to selective; we default to none, the
-    fastest setting, and the loss is the same either way."""
+    fastest setting, and the loss is the same either way. torchtitan's memory_budget mode (the compiler picks what
+    to recompute) is not implemented yet."""
     selective_ac_option: str = "2"
     """With mode = selective: an integer N checkpoints every N-th block (blocks N-1, 2N-1, ... counted by layer id);
     "op" keeps the outputs of every matmul and attention and recomputes the rest (norms, RoPE, SwiGLU gating)."""
+    per_op_sac_force_recompute_mm_shapes_by_fqns: list[str] = field(default_factory=lambda: ["moe.router.gate"])
+    """With selective "op": nn.Linear modules by name whose weight shape marks matmuls to recompute anyway; every
+    matmul of such a shape is recomputed, whichever module it belongs to. The default names an MoE router, which
+    llama3 does not have."""
+    early_stop: bool = False
+    """In backward, end a block's recomputation as soon as every tensor backward needs from it is back."""
+    memory_budget: float = 0.5
+    """With mode = memory_budget: the share of activation memory the compiler's partitioner may keep, from 0.0 (as
+    little as full checkpointing) to 1.0 (as much as no checkpointing); it recomputes to fit."""
+    visualize_memory_budget_pareto: bool = False
+    """With mode = memory_budget: draw expected runtime against activation memory for budgets 0 to 1 as an SVG in
+    {dump_folder}/memory_budget_pareto."""
+    preserve_rng_state: bool = True
+    """Save the RNG state before a checkpointed forward and restore it for the recomputation, so random ops repeat
+    exactly."""
+    determinism_check: str = "default"
+    """How torch.utils.checkpoint checks that recomputed tensors match the first forward's: default (shape, dtype
+    and device) or none."""
+    debug: bool = False
+    """Record the ops each recomputation runs, to debug a checkpointing mismatch (slow)."""
 
 
 @dataclass
@@ -259,6 +357,128 @@ class Debug:
     """Seed for weights, data order and dropout-free RNG use; None picks 0 so runs are reproducible by default."""
     deterministic: bool = False
     """Use deterministic algorithms only (torch.use_deterministic_algorithms); slower."""
+    deterministic_warn_only: bool = False
+    """With deterministic: warn on an op without a deterministic implementation instead of failing."""
+    moe_force_load_balance: bool = False
+    """Send tokens to experts round-robin so each expert gets the same number (for debugging MoE models)."""
+
+
+@dataclass
+class Float8Linear:
+    enable_fsdp_float8_all_gather: bool = False
+    """All-gather FSDP-sharded weights in float8 rather than in the parameter dtype: half the bytes (tensorwise
+    scaling)."""
+    precompute_float8_dynamic_scale_for_fsdp: bool = False
+    """Compute the float8 scales of all weights together right after the optimizer step instead of layer by layer
+    (tensorwise scaling with float8 all-gather)."""
+    recipe_name: str | None = None
+    """Scaling recipe: tensorwise, rowwise or rowwise_with_gw_hp; unset builds tensorwise from the keys above."""
+    filter_fqns: list[str] = field(default_factory=list)
+    """Linear modules to keep in high precision, by name (e.g. output); layers with a dimension that is not a
+    multiple of 16 always are."""
+    emulate: bool = False
+    """Emulate the float8 matmuls in higher precision, to test on hardware without float8 (not with compile)."""
+
+
+@dataclass
+class MXLinear:
+    mxfp8_dim1_cast_kernel_choice: str = "triton"
+    """Kernel for the MX-FP8 cast along dimension 1: triton, cuda (fastest) or torch."""
+    recipe_name: str = "mxfp8_cublas"
+    """MX recipe by torchao's name, e.g. mxfp8_cublas."""
+    filter_fqns: list[str] = field(default_factory=lambda: ["output"])
+    """Linear modules to keep in high precision, by name; the output projection unless changed."""
+
+
+@dataclass
+class Float8GroupedMM:
+    fqns: list[str] | str = field(default_factory=list)
+    """MoE modules, by name, whose grouped matmuls run in float8 (a torchao prototype)."""
+
+
+@dataclass
+class MXGroupedMM:
+    recipe_name: str = "mxfp8"
+    """MX recipe for grouped matmuls; mxfp8 is the one there is."""
+    fqns: list[str] | str = field(default_factory=list)
+    """MoE modules, by name, whose grouped matmuls run in MX-FP8 (a torchao prototype)."""
+
+
+@dataclass
+class QuantizedLinear:
+    float8: Float8Linear = field(default_factory=Float8Linear)
+    """Float8 training of nn.Linear layers (converter quantize.linear.float8)."""
+    mx: MXLinear = field(default_factory=MXLinear)
+    """MX (microscaling) training of nn.Linear layers (converter quantize.linear.mx)."""
+
+
+@dataclass
+class QuantizedGroupedMM:
+    float8: Float8GroupedMM = field(default_factory=Float8GroupedMM)
+    """Float8 grouped matmuls of MoE experts (converter quantize.grouped_mm.float8)."""
+    mx: MXGroupedMM = field(default_factory=MXGroupedMM)
+    """MX grouped matmuls of MoE experts (converter quantize.grouped_mm.mx)."""
+
+
+@dataclass
+class Quantize:
+    linear: QuantizedLinear = field(default_factory=QuantizedLinear)
+    """Low-precision training of nn.Linear layers; read only by the converter named in model.converters."""
+    grouped_mm: QuantizedGroupedMM = field(default_factory=QuantizedGroupedMM)
+    """Low-precision grouped matmuls of mixture-of-experts layers; read only by their converter."""
+
+
+@dataclass
+class Comm:
+    init_timeout_seconds: int = 300
+    """Seconds a collective may wait before the job fails, from start until the first step is done (loading and
+    compiling make that stretch slow)."""
+    train_timeout_seconds: int = 100
+    """The same limit from then on, usually tighter, so a stalled rank ends the job soon."""
+    trace_buf_size: int = 20000
+    """Entries in NCCL's flight recorder, a ring buffer of each rank's latest collectives that is dumped when one
+    times out; 0 turns it off."""
+    save_traces_folder: str = "comm_traces"
+    """Folder inside job.dump_folder for the flight-recorder dumps."""
+    save_traces_file_prefix: str = "rank_"
+    """File-name prefix of each rank's flight-recorder dump."""
+    mode: str = "default"
+    """default (real collectives), fake_backend (a stand-in process group that checks a layout without devices,
+    as DRY_RUN=1 does here) or local_tensor (one process simulates every rank, for checking numerics)."""
+
+
+@dataclass
+class MemoryEstimation:
+    enable: bool = False
+    """Estimate each rank's FSDP memory before training."""
+    disable_fake_mode: bool = False
+    """Estimate on real tensors rather than fake ones."""
+
+
+@dataclass
+class FaultTolerance:
+    enable: bool = False
+    """TorchFT: replica groups may fail and rejoin while the others go on training."""
+    process_group: str = "gloo"
+    """Backend of the process group between replica groups: gloo or nccl."""
+    process_group_timeout_ms: int = 10000
+    """Milliseconds before that process group gives up on an operation."""
+    replica_id: int = 0
+    """This replica group's id."""
+    group_size: int = 0
+    """How many replica groups there are; the data is split over them."""
+    min_replica_size: int = 1
+    """Fewest replica groups a step needs to go ahead."""
+    semi_sync_method: str | None = None
+    """Synchronize replica groups only now and then: local_sgd or diloco; unset synchronizes every step."""
+
+
+@dataclass
+class Experimental:
+    custom_import: str = ""
+    """Dotted module to import at start, e.g. one that registers a model or a flavor; empty imports nothing."""
+    custom_args_module: str = ""
+    """Former name of job.custom_config_module, which torchtitan deprecated."""
 
 
 @dataclass
@@ -278,3 +498,144 @@ class JobConfig:
     compile: Compile = field(default_factory=Compile)
     profiling: Profiling = field(default_factory=Profiling)
     debug: Debug = field(default_factory=Debug)
+    quantize: Quantize = field(default_factory=Quantize)
+    comm: Comm = field(default_factory=Comm)
+    memory_estimation: MemoryEstimation = field(default_factory=MemoryEstimation)
+    fault_tolerance: FaultTolerance = field(default_factory=FaultTolerance)
+    experimental: Experimental = field(default_factory=Experimental)
+
+
+@dataclass(frozen=True)
+class KeyStatus:
+    """How this trainer treats one key of torchtitan v0.2.2's JobConfig."""
+
+    status: str
+    """implemented (here, perhaps under another name), planned (not implemented yet) or never (no use for llama3)."""
+    accepted: tuple | None = ()
+    """planned / never: the values accepted, those that leave the feature off; None: any value, because only a
+    feature that is off here reads the key."""
+    why: str = ""
+    """planned / never: why other values are refused, or which feature reads the key."""
+
+
+NOT_YET = "not implemented yet in this trainer"
+NO_EXPERTS = "llama3 has no experts (this is for mixture-of-experts models)"
+NO_FT = "torchft fault tolerance is not supported here (a run resumes from its checkpoints instead)"
+_IMPLEMENTED = KeyStatus("implemented")
+
+
+def _implemented(section: str, *keys: str) -> dict[str, KeyStatus]:
+    return {f"{section}.{key}": _IMPLEMENTED for key in keys}
+
+
+def _planned(*accepted, why: str = NOT_YET) -> KeyStatus:
+    return KeyStatus("planned", accepted, why)
+
+
+def _never(*accepted, why: str) -> KeyStatus:
+    return KeyStatus("never", accepted, why)
+
+
+def _read_only_by(status: str, feature: str) -> KeyStatus:
+    return KeyStatus(status, None, f"read only by {feature}")
+
+
+def _dataloader(section: str) -> dict[str, KeyStatus]:
+    return {f"{section}.dataloader.{key}": _planned(off) for key, off in (
+        ("num_workers", 0), ("persistent_workers", False), ("pin_memory", False), ("prefetch_factor", None))}
+
+
+_FLOAT8 = "model.converters = [\"quantize.linear.float8\"], " + NOT_YET
+_MX = "model.converters = [\"quantize.linear.mx\"], " + NOT_YET
+_GROUPED = "grouped-matmul converters for mixture-of-experts layers; llama3 has none"
+
+# Every key of torchtitan v0.2.2's JobConfig, in its order. validate() refuses a planned or never key set to a value
+# outside `accepted`; --help shows each status next to the key's docstring.
+TORCHTITAN_KEYS: dict[str, KeyStatus] = {
+    **_implemented("job", "config_file", "dump_folder", "description", "print_config"),
+    "job.save_config_file": _planned(None),
+    "job.custom_config_module": _planned(""),
+    **_implemented("profiling", "enable_profiling", "save_traces_folder", "profile_freq", "profiler_active",
+                   "profiler_warmup", "enable_memory_snapshot", "save_memory_snapshot_folder"),
+    **_implemented("metrics", "log_freq", "enable_tensorboard", "disable_color_printing", "save_tb_folder",
+                   "save_for_all_ranks"),
+    "metrics.enable_wandb": _planned(False),
+    **_implemented("model", "name", "flavor", "hf_assets_path", "tokenizer_path"),
+    "model.converters": _planned([]),
+    "model.print_after_conversion": _planned(False),
+    **_implemented("optimizer", "name", "lr", "beta1", "beta2", "eps", "weight_decay", "implementation"),
+    "optimizer.early_step_in_backward": _planned(False),
+    "lr_scheduler.warmup_steps": _IMPLEMENTED,
+    "lr_scheduler.total_steps": _planned(None),
+    **_implemented("lr_scheduler", "decay_ratio", "decay_type", "min_lr_factor"),
+    **_implemented("training", "dataset", "dataset_path", "local_batch_size", "global_batch_size", "seq_len",
+                   "max_norm", "steps"),
+    "training.enable_cpu_offload": _planned(False),
+    "training.dtype": _planned("float32"),
+    **_implemented("training", "mixed_precision_param", "mixed_precision_reduce", "gc_freq"),
+    "training.gc_debug": _planned(False),
+    **_dataloader("training"),
+    **_implemented("parallelism", "data_parallel_replicate_degree", "data_parallel_shard_degree",
+                   "fsdp_reshard_after_forward", "tensor_parallel_degree", "disable_loss_parallel",
+                   "enable_async_tensor_parallel", "pipeline_parallel_degree", "module_fqns_per_model_part",
+                   "pipeline_parallel_first_stage_less_layers", "pipeline_parallel_last_stage_less_layers",
+                   "pipeline_parallel_layers_per_stage", "pipeline_parallel_schedule"),
+    "parallelism.pipeline_parallel_schedule_csv": _planned("", None),
+    "parallelism.pipeline_parallel_microbatch_size": _IMPLEMENTED,
+    "parallelism.pipeline_parallel_expert_parallel_overlap": _read_only_by("never", "expert parallel; " + NO_EXPERTS),
+    **_implemented("parallelism", "context_parallel_degree", "context_parallel_load_balancer",
+                   "context_parallel_rotate_method"),
+    "parallelism.expert_parallel_degree": _never(1, why=NO_EXPERTS),
+    "parallelism.expert_tensor_parallel_degree": _never(1, why=NO_EXPERTS),
+    "parallelism.expert_parallel_comm_backend": _never("standard", why=NO_EXPERTS),
+    "checkpoint.enable": _IMPLEMENTED,
+    "checkpoint.enable_ft_dataloader_checkpoints": _read_only_by("never", "fault tolerance; " + NO_FT),
+    **_implemented("checkpoint", "folder", "interval", "initial_load_path", "initial_load_model_only",
+                   "initial_load_in_hf"),
+    "checkpoint.initial_load_in_hf_quantized": _never(False, why="llama3's HF checkpoints hold unquantized weights"),
+    **_implemented("checkpoint", "last_save_model_only", "last_save_in_hf", "export_dtype", "async_mode",
+                   "keep_latest_k", "load_step", "exclude_from_loading", "enable_first_step_checkpoint"),
+    "checkpoint.create_seed_checkpoint": _planned(False),
+    "checkpoint.load_only": _planned(False),
+    **_implemented("activation_checkpoint", "mode", "selective_ac_option"),
+    "activation_checkpoint.per_op_sac_force_recompute_mm_shapes_by_fqns": _planned(["moe.router.gate"]),
+    "activation_checkpoint.early_stop": _planned(False, True, why="not read yet: recomputation here always stops early "
+                                                 "(torch's default), which changes memory, not numbers"),
+    "activation_checkpoint.memory_budget": _read_only_by("planned", "activation_checkpoint.mode = \"memory_budget\", "
+                                                         + NOT_YET),
+    "activation_checkpoint.visualize_memory_budget_pareto": _read_only_by(
+        "planned", "activation_checkpoint.mode = \"memory_budget\", " + NOT_YET),
+    "activation_checkpoint.preserve_rng_state": _planned(True),
+    "activation_checkpoint.determinism_check": _planned("default"),
+    "activation_checkpoint.debug": _planned(False),
+    **_implemented("compile", "enable", "components", "backend"),
+    **{f"quantize.linear.float8.{key}": _read_only_by("planned", _FLOAT8)
+       for key in ("enable_fsdp_float8_all_gather", "precompute_float8_dynamic_scale_for_fsdp", "recipe_name",
+                   "filter_fqns", "emulate")},
+    **{f"quantize.linear.mx.{key}": _read_only_by("planned", _MX)
+       for key in ("mxfp8_dim1_cast_kernel_choice", "recipe_name", "filter_fqns")},
+    **{key: _read_only_by("never", _GROUPED)
+       for key in ("quantize.grouped_mm.float8.fqns", "quantize.grouped_mm.mx.recipe_name",
+                   "quantize.grouped_mm.mx.fqns")},
+    "comm.init_timeout_seconds": _planned(300),
+    "comm.train_timeout_seconds": _planned(100),
+    "comm.trace_buf_size": _planned(20000, 0),
+    "comm.save_traces_folder": _read_only_by("planned", "the flight recorder, " + NOT_YET),
+    "comm.save_traces_file_prefix": _read_only_by("planned", "the flight recorder, " + NOT_YET),
+    "comm.mode": _planned("default", why=NOT_YET + " (DRY_RUN=1 checks a layout without devices)"),
+    "memory_estimation.enable": _never(False, why="DRY_RUN=1 estimates memory per rank instead"),
+    "memory_estimation.disable_fake_mode": _read_only_by("never", "memory_estimation; DRY_RUN=1 estimates memory "
+                                                         "per rank instead"),
+    "fault_tolerance.enable": _never(False, why=NO_FT),
+    **{f"fault_tolerance.{key}": _read_only_by("never", "fault_tolerance.enable; " + NO_FT)
+       for key in ("process_group", "process_group_timeout_ms", "replica_id", "group_size", "min_replica_size",
+                   "semi_sync_method")},
+    "experimental.custom_import": _planned(""),
+    "experimental.custom_args_module": _planned("", why="the former name of job.custom_config_module, " + NOT_YET),
+    **_implemented("validation", "enable", "dataset", "dataset_path", "local_batch_size", "seq_len", "freq",
+                   "steps"),
+    **_dataloader("validation"),
+    **_implemented("debug", "seed", "deterministic"),
+    "debug.deterministic_warn_only": _planned(False),
+    "debug.moe_force_load_balance": _never(False, why=NO_EXPERTS),
+}

@@ -1,8 +1,9 @@
 """Build a JobConfig from defaults, a TOML file and CLI overrides, and check it.
 
 Precedence: `--section.key value` (or `--section.key=value`) on the command line > the TOML file named by
-`--job.config_file` > the dataclass defaults. Every mistake a user can make raises ConfigError with one line
-naming the key, the value and the fix; the entry point prints it and exits non-zero without a traceback.
+`--job.config_file` > the dataclass defaults. A nested section is a `[a.b]` table in TOML and `--a.b.key` on the
+command line. Every mistake a user can make raises ConfigError with one line naming the key, the value and the fix;
+the entry point prints it and exits non-zero without a traceback.
 """
 
 import ast
@@ -20,7 +21,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from trainer.config import job_config as _schema
-from trainer.config.job_config import JobConfig
+from trainer.config.job_config import TORCHTITAN_KEYS, JobConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -29,12 +30,22 @@ class ConfigError(ValueError):
     """A user error in the configuration: the message is one line naming the key, the value and the fix."""
 
 
-def _sections() -> dict[str, type]:
-    return {f.name: f.type for f in dataclasses.fields(JobConfig)}
+def _is_section(tp) -> bool:
+    return dataclasses.is_dataclass(tp)
 
 
-def _field_docs() -> dict[tuple[str, str], str]:
-    """Docstrings written under dataclass fields, read from the schema's source (they are not kept at runtime)."""
+def _fields(cls=JobConfig, prefix: str = "") -> typing.Iterator[tuple[str, dataclasses.Field, type]]:
+    """(dotted name, field, the dataclass holding it) of every section and key of the schema, depth first, each
+    section before its keys."""
+    for f in dataclasses.fields(cls):
+        yield prefix + f.name, f, cls
+        if _is_section(f.type):
+            yield from _fields(f.type, f"{prefix}{f.name}.")
+
+
+def _field_docs() -> dict[str, str]:
+    """Docstrings written under dataclass fields by dotted name, read from the schema's source (they are not kept
+    at runtime)."""
     by_class: dict[str, dict[str, str]] = {}
     tree = ast.parse(inspect.getsource(_schema))
     for node in tree.body:
@@ -46,8 +57,33 @@ def _field_docs() -> dict[tuple[str, str], str]:
                     and isinstance(cur, ast.Expr) and isinstance(cur.value, ast.Constant)
                     and isinstance(cur.value.value, str)):
                 docs[prev.target.id] = " ".join(cur.value.value.split())
-    return {(sec, key): doc for sec, cls in _sections().items()
-            for key, doc in by_class.get(cls.__name__, {}).items()}
+    return {name: by_class.get(owner.__name__, {}).get(f.name, "") for name, f, owner in _fields()}
+
+
+def _field(name: str, section: bool = False) -> dataclasses.Field:
+    """The schema's field at dotted `name` (a section if `section`, else a key); a ConfigError naming the closest
+    valid name when there is none."""
+    cls, parts = JobConfig, name.split(".")
+    for depth, part in enumerate(parts):
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        here, want_section = ".".join(parts[:depth + 1]), section or depth < len(parts) - 1
+        f = fields.get(part)
+        if f is None:
+            what = f"section [{here}]" if want_section else f"key {here}"
+            raise ConfigError(f"unknown config {what}{_suggest(part, fields)}")
+        if want_section and not _is_section(f.type):
+            raise ConfigError(f"{here} is a key, not a section: set it as {here} = value")
+        if not want_section and _is_section(f.type):
+            first = next(k for k, sub, _ in _fields(f.type, here + ".") if not _is_section(sub.type))
+            raise ConfigError(f"{here} is a section, not a key: set its keys, e.g. {first}")
+        cls = f.type
+    return f
+
+
+def _get(cfg: JobConfig, name: str):
+    for part in name.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
 
 
 def _suggest(name: str, options: typing.Iterable[str]) -> str:
@@ -63,10 +99,15 @@ def _coerce(key: str, value, tp, from_cli: bool):
     """Convert `value` (a TOML value, or a string from the CLI) to the field type `tp`, or raise ConfigError."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
-        inner = [a for a in args if a is not type(None)]
-        if from_cli and isinstance(value, str) and value.lower() in ("none", "null"):
+        if type(None) in args and from_cli and isinstance(value, str) and value.lower() in ("none", "null"):
             return None
-        return _coerce(key, value, inner[0], from_cli)
+        errors = []
+        for inner in (a for a in args if a is not type(None)):  # the first type that takes the value
+            try:
+                return _coerce(key, value, inner, from_cli)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0]
     if origin is list:
         if from_cli and isinstance(value, str) and value.lstrip().startswith("["):  # nested lists: TOML syntax
             try:
@@ -104,19 +145,25 @@ def _coerce(key: str, value, tp, from_cli: bool):
     raise TypeError(f"unsupported config field type {tp} for {key}")  # a bug in the schema, not user input
 
 
-def _set(cfg: JobConfig, section: str, key: str, value, from_cli: bool) -> None:
-    sections = _sections()
-    if section not in sections:
-        raise ConfigError(f"unknown config section [{section}]{_suggest(section, sections)}")
-    sec_obj = getattr(cfg, section)
-    fields = {f.name: f for f in dataclasses.fields(sec_obj)}
-    if key not in fields:
-        raise ConfigError(f"unknown config key {section}.{key}{_suggest(key, fields)}")
-    setattr(sec_obj, key, _coerce(f"{section}.{key}", value, fields[key].type, from_cli))
+def _set(cfg: JobConfig, name: str, value, from_cli: bool) -> None:
+    f = _field(name)
+    section = name.rpartition(".")[0]
+    setattr(_get(cfg, section) if section else cfg, f.name, _coerce(name, value, f.type, from_cli))
 
 
-def _parse_cli(argv: list[str]) -> list[tuple[str, str, str | None]]:
-    """`--a.b v`, `--a.b=v`, and a bare `--a.b` (a boolean switch) -> [(section, key, raw or None)]."""
+def _toml_items(table: dict, prefix: str = "") -> typing.Iterator[tuple[str, object]]:
+    """(dotted key, value) of every value in a TOML table, checking each [table] on the way is a section."""
+    for key, value in table.items():
+        if isinstance(value, dict):
+            _field(prefix + key, section=True)
+            yield from _toml_items(value, f"{prefix}{key}.")
+        else:
+            yield prefix + key, value
+
+
+def _parse_cli(argv: list[str]) -> list[tuple[str, str | None]]:
+    """`--a.b v`, `--a.b=v`, `--a.b.c v`, and a bare `--a.b` (a boolean switch) -> [(dotted key, raw or None)].
+    Dashes in names read as underscores (`--job.config-file`), as torchtitan's CLI allows."""
     out, i = [], 0
     while i < len(argv):
         arg = argv[i]
@@ -128,33 +175,67 @@ def _parse_cli(argv: list[str]) -> list[tuple[str, str, str | None]]:
                 raw, i = argv[i + 1], i + 1
             else:
                 raw = None
-        section, _, key = name.partition(".")
-        out.append((section, key, raw))
+        out.append((name.replace("-", "_"), raw))
         i += 1
     return out
+
+
+def _switch(name: str) -> tuple[str, str]:
+    """A bare `--a.b` sets a boolean to true and `--a.no_b` (torchtitan's negation) to false; (key, raw value)."""
+    section, _, key = name.rpartition(".")
+    negated = f"{section}.{key[3:]}"
+    if key.startswith("no_") and key[3:]:
+        try:
+            if _field(negated).type is bool:
+                return negated, "false"
+        except ConfigError:
+            pass
+    if _field(name).type is not bool:
+        raise ConfigError(f"--{name} needs a value")
+    return name, "true"
+
+
+def _show(value) -> str:
+    """A value as a TOML file spells it."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return "unset" if value is None else repr(value)
+
+
+def _status_note(name: str) -> str:
+    """What --help adds for a torchtitan key this trainer does not implement."""
+    s = TORCHTITAN_KEYS.get(name)
+    if s is None or s.status == "implemented":
+        return ""
+    if s.accepted is None:
+        return f" [any value accepted: {s.why}]"
+    head = s.why if s.status == "planned" else f"not supported: {s.why}"
+    return f" [{head}; accepted: {', '.join(map(_show, s.accepted))}]"
 
 
 def help_text() -> str:
     """Every section and field with its type, default and docstring."""
     docs, lines = _field_docs(), ["usage: run_train.sh [--section.key value ...]   (or CONFIG_FILE=... / --job.config_file)"]
     defaults = JobConfig()
-    for section in _sections():
-        lines.append(f"\n[{section}]")
-        for f in dataclasses.fields(getattr(defaults, section)):
-            default = getattr(getattr(defaults, section), f.name)
-            lines.append(f"  --{section}.{f.name} ({_type_name(f.type)}, default {default!r})")
-            lines.append(f"      {docs.get((section, f.name), '')}")
+    for name, f, _ in _fields():
+        if _is_section(f.type):
+            lines.append(f"\n[{name}]")
+            if docs.get(name):  # nested sections carry a docstring, top-level ones are named for what they hold
+                lines.append(f"  {docs[name]}")
+        else:
+            lines.append(f"  --{name} ({_type_name(f.type)}, default {_get(defaults, name)!r})")
+            lines.append(f"      {docs.get(name, '')}{_status_note(name)}")
     return "\n".join(lines)
 
 
 def load_config(argv: list[str] | None = None) -> JobConfig:
     """Defaults, then the TOML file, then the CLI overrides; validated. Raises ConfigError on bad input."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    overrides = _parse_cli(argv)
-    cfg = JobConfig()
-    for section, key, raw in overrides:
-        if (section, key) == ("job", "config_file"):
-            _set(cfg, section, key, raw, from_cli=True)
+    overrides = [(name, raw) if raw is not None else _switch(name) for name, raw in _parse_cli(argv)]
+    cfg, explicit = JobConfig(), set()
+    for name, raw in overrides:
+        if name == "job.config_file":
+            _set(cfg, name, raw, from_cli=True)
     if cfg.job.config_file:
         path = Path(cfg.job.config_file)
         if not path.is_file():
@@ -163,26 +244,43 @@ def load_config(argv: list[str] | None = None) -> JobConfig:
             data = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: invalid TOML ({e})") from None
+        sections = [f.name for f in dataclasses.fields(JobConfig)]
         for section, table in data.items():
             if not isinstance(table, dict):
-                raise ConfigError(f"{path}: top-level key {section!r} must be a [section]{_suggest(section, _sections())}")
-            for key, value in table.items():
-                if (section, key) != ("job", "config_file"):
-                    _set(cfg, section, key, value, from_cli=False)
-    for section, key, raw in overrides:
-        if (section, key) == ("job", "config_file"):
-            continue
-        if raw is None:  # a bare switch sets a boolean; anything else needs a value
-            sections = _sections()
-            tp = next((f.type for f in dataclasses.fields(sections[section]) if f.name == key), None) \
-                if section in sections else None
-            if tp is not None and tp is not bool:
-                raise ConfigError(f"--{section}.{key} needs a value")
-            raw = "true"
-        _set(cfg, section, key, raw, from_cli=True)
+                raise ConfigError(f"{path}: top-level key {section!r} must be a [section]{_suggest(section, sections)}")
+        for name, value in _toml_items(data):
+            if name != "job.config_file":
+                _set(cfg, name, value, from_cli=False)
+                explicit.add(name)
+    for name, raw in overrides:
+        if name != "job.config_file":
+            _set(cfg, name, raw, from_cli=True)
+            explicit.add(name)
+    _apply_torchtitan_names(cfg, explicit)
     validate(cfg)
     _resolve_asset_paths(cfg)
     return cfg
+
+
+def _apply_torchtitan_names(cfg: JobConfig, explicit: set[str]) -> None:
+    """torchtitan keys that name a setting of ours differently: whichever of the two was set decides both (the
+    trainer reads ours); both set and disagreeing is an error."""
+    p, m = cfg.parallelism, cfg.model
+    balancer, balance = "parallelism.context_parallel_load_balancer", "parallelism.context_parallel_load_balance"
+    _check_load_balancer(p.context_parallel_load_balancer)  # before it is mapped onto ours
+    if balancer in explicit:
+        on = p.context_parallel_load_balancer == "headtail"
+        _check(balance not in explicit or p.context_parallel_load_balance == on,
+               f"{balancer} = {p.context_parallel_load_balancer or 'none'} contradicts {balance} = "
+               f"{_show(p.context_parallel_load_balance)}; set only one of them")
+        p.context_parallel_load_balance = on
+    else:
+        p.context_parallel_load_balancer = "headtail" if p.context_parallel_load_balance else None
+    if m.tokenizer_path is not None:
+        _check("model.hf_assets_path" not in explicit or m.hf_assets_path == m.tokenizer_path,
+               f"model.tokenizer_path = {m.tokenizer_path!r} contradicts model.hf_assets_path = {m.hf_assets_path!r}; "
+               f"tokenizer_path is the former name of hf_assets_path: set only hf_assets_path")
+        m.hf_assets_path = m.tokenizer_path
 
 
 def _resolve_asset_paths(cfg: JobConfig) -> None:
@@ -201,6 +299,22 @@ def _check(ok: bool, msg: str) -> None:
 
 def _one_of(key: str, value, choices) -> None:
     _check(value in choices, f"{key} = {value!r} is not one of {', '.join(map(str, choices))}")
+
+
+def _check_load_balancer(value) -> None:
+    key = "parallelism.context_parallel_load_balancer"
+    _check(value != "ptrr", f"{key} = 'ptrr' balances FlexAttention, but attention here is SDPA; use headtail (or "
+                            f"none to turn balancing off)")
+    _check(value in ("headtail", None), f"{key} = {value!r} is not one of headtail, none (none: on the CLI only)")
+
+
+def _check_torchtitan_keys(cfg: JobConfig) -> None:
+    """A torchtitan key of a feature this trainer lacks is accepted only at a value that leaves the feature off."""
+    for name, s in TORCHTITAN_KEYS.items():
+        value = _get(cfg, name)
+        if s.accepted and value not in s.accepted:  # () for implemented keys, None for any value
+            leave = "unset" if s.accepted[0] is None else f"at {_show(s.accepted[0])}"
+            raise ConfigError(f"{name} = {_show(value)}: {s.why}; leave it {leave}")
 
 
 def validate(cfg: JobConfig) -> None:
@@ -259,6 +373,8 @@ def validate(cfg: JobConfig) -> None:
            "validation.steps = -1 evaluates the whole split, but the synthetic dataset is endless; set "
            "validation.steps to a number of batches")
     ac, prof = cfg.activation_checkpoint, cfg.profiling
+    _check(ac.mode != "memory_budget", f"activation_checkpoint.mode = 'memory_budget': {_schema.NOT_YET}; use "
+                                       f"full or selective")
     _one_of("activation_checkpoint.mode", ac.mode, ("none", "full", "selective"))
     _check(ac.selective_ac_option == "op" or (ac.selective_ac_option.isdigit() and int(ac.selective_ac_option) >= 1),
            f"activation_checkpoint.selective_ac_option = {ac.selective_ac_option!r} must be \"op\" or a positive "
@@ -272,6 +388,8 @@ def validate(cfg: JobConfig) -> None:
            f"profiling.profiler_warmup {prof.profiler_warmup} + profiler_active {prof.profiler_active} > "
            f"profile_freq {prof.profile_freq}: a window must fit between two traces; lower them or raise profile_freq")
     _validate_checkpoint(cfg.checkpoint)
+    _check_load_balancer(p.context_parallel_load_balancer)
+    _check_torchtitan_keys(cfg)
 
 
 CHECKPOINT_PARTS = ("model", "optimizer", "lr_scheduler", "dataloader", "train_state", "rng")
