@@ -158,7 +158,7 @@ class Checkpointer:
             raise
 
     def _load(self) -> None:
-        plan = plan_load(self.cfg)
+        plan = self._on_rank0(lambda: plan_load(self.cfg))  # which checkpoint: read from disk once, by rank 0
         if plan is None:
             return
         start = time.perf_counter()
@@ -273,10 +273,16 @@ class Checkpointer:
 
     def _claim(self, path: Path) -> bool:
         """Make `path` ready for a new save. False (skip) when it is complete already: never overwritten. A partial
-        save left by a killed run is removed first."""
-        if (path / MARKER).is_file():
-            if path not in self._saved:
-                self.log(f"checkpoint: {path} is complete already; not overwritten")
+        save left by a killed run is removed first.
+
+        Every rank must take the same decision, or their DCP collectives no longer match: a path this run saved is
+        known from in-process state alike on every rank; for one left by an earlier run, rank 0 looks at the disk
+        (where another rank may not see rank 0's marker yet) and tells the others."""
+        if path in self._saved:
+            return False
+        complete = self._on_rank0(lambda: (path / MARKER).is_file())
+        if complete:
+            self.log(f"checkpoint: {path} is complete already; not overwritten")
             return False
         if self.rank == 0:
             shutil.rmtree(path, ignore_errors=True)
@@ -284,6 +290,24 @@ class Checkpointer:
         if dist.is_initialized():
             dist.barrier()
         return True
+
+    @staticmethod
+    def _on_rank0(decide):
+        """`decide()` evaluated on rank 0 and broadcast, so every rank acts on the same answer. A ConfigError
+        raised there is raised on every rank."""
+        if not dist.is_initialized():
+            return decide()
+        box = [None]
+        if dist.get_rank() == 0:
+            try:
+                box[0] = ("ok", decide())
+            except ConfigError as e:
+                box[0] = ("error", str(e))
+        dist.broadcast_object_list(box, src=0)
+        kind, value = box[0]
+        if kind == "error":
+            raise ConfigError(value)
+        return value
 
     def _save_full(self, step: int, asynchronous: bool) -> None:
         path = self.folder / f"step-{step}"

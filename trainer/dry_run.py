@@ -25,11 +25,23 @@ GiB = 2**30
 
 
 def _fmt_config(cfg: JobConfig) -> str:
+    """The resolved config as TOML-like tables, nested sections as [a.b]."""
     lines = []
+
+    def table(name: str, section) -> None:
+        lines.append(f"[{name}]")
+        nested = []
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            if dataclasses.is_dataclass(value):
+                nested.append((f"{name}.{f.name}", value))
+            else:
+                lines.append(f"  {f.name} = {value!r}")
+        for sub_name, sub in nested:
+            table(sub_name, sub)
+
     for section in dataclasses.fields(cfg):
-        lines.append(f"[{section.name}]")
-        for key, value in dataclasses.asdict(getattr(cfg, section.name)).items():
-            lines.append(f"  {key} = {value!r}")
+        table(section.name, getattr(cfg, section.name))
     return "\n".join(lines)
 
 

@@ -7,6 +7,16 @@ from tests.distributed.layouts import LAYOUTS, layout_overrides
 from tests.distributed.pool import WorkerPool
 
 
+def pytest_collection_modifyitems(items):
+    """Run the layouts of more than 8 ranks last: their pool takes every core's worth of ranks, so the smaller pools
+    are closed to make room, and running them last saves restarting those."""
+    def widest(item) -> bool:
+        layout = getattr(item, "callspec", None) and item.callspec.params.get("layout")
+        return layout in LAYOUTS and LAYOUTS[layout][0] > 8
+
+    items.sort(key=widest)  # stable: everything else keeps its order
+
+
 @pytest.fixture(scope="session")
 def pool(tmp_path_factory):
     """Workers kept alive across the session, one torchrun launch per world size (tests/distributed/pool.py)."""

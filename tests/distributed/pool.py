@@ -1,7 +1,8 @@
 """The test side of the worker pool: one torchrun launch per world size, kept alive across tests (see worker.py).
 
 `WorkerPool.run(ranks, job, out, argv)` hands a job to the pool of that size, starting it on first use, and returns
-a CompletedProcess-like JobResult with rank 0's stdout and every rank's stderr. Pools of other sizes are closed when
+a CompletedProcess-like JobResult with every rank's stdout (in rank order; with LOG_RANK=0 only rank 0 prints) and
+stderr. Pools of other sizes are closed when
 the ranks alive would exceed MAX_RANKS (memory: a worker holds torch, datasets and a model's worth of allocator
 caches). A job that does not finish in time, or a pool that died, is reported with its logs, and the pool is killed
 so that the next job starts a fresh one.
@@ -67,15 +68,17 @@ class WorkerPool:
         log.close()
         return _Pool(ranks, folder, proc)
 
-    def run(self, ranks: int, job: str, out: Path | str, argv: list[str], timeout: float = 600) -> JobResult:
-        """Run `job` (a name in jobs.JOBS) on `ranks` ranks; rank 0 writes its result to `out`."""
+    def run(self, ranks: int, job: str, out: Path | str, argv: list[str], timeout: float = 600,
+            env: dict[str, str] | None = None) -> JobResult:
+        """Run `job` (a name in jobs.JOBS) on `ranks` ranks, with `env` added to the environment for its duration;
+        rank 0 writes its result to `out`."""
         pool = self.pools.get(ranks)
         if pool is None or not pool.alive():
             pool = self.pools[ranks] = self._start(ranks)
         index, pool.next_job = pool.next_job, pool.next_job + 1
         job_file = pool.folder / f"job-{index}.json"
         tmp = job_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"job": job, "out": str(out), "argv": [str(a) for a in argv]}))
+        tmp.write_text(json.dumps({"job": job, "out": str(out), "argv": [str(a) for a in argv], "env": env or {}}))
         os.replace(tmp, job_file)
         done, deadline = pool.folder / f"job-{index}.done", time.monotonic() + timeout
         while not done.exists() and pool.alive() and time.monotonic() < deadline:
@@ -83,7 +86,7 @@ class WorkerPool:
         pool.last_used = time.monotonic()
         logs = [(pool.folder / f"job-{index}.rank{r}.{kind}") for kind in ("out", "err") for r in range(ranks)]
         text = {path: path.read_text() if path.exists() else "" for path in logs}
-        stdout = text[logs[0]]
+        stdout = "".join(text[pool.folder / f"job-{index}.rank{r}.out"] for r in range(ranks))
         stderr = "".join(f"[rank {r}] {line}\n" for r in range(ranks)
                          for line in text[pool.folder / f"job-{index}.rank{r}.err"].splitlines())
         if done.exists():

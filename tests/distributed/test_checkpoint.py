@@ -58,7 +58,7 @@ SLOW = {"dp_shard=2, from the async save of step 5", "dp_shard=4 -> dp_shard=2 (
 
 def train(pool, layout: str, out, settings: dict, switches: list[str] = ()) -> tuple[dict, str]:
     """The real loop (jobs.train) in a pooled worker; (rank 0's record, its stdout)."""
-    ranks, overrides = layout_overrides(layout, **RUN, **settings)
+    ranks, overrides = layout_overrides(layout, **{**RUN, **settings})
     proc = pool.run(ranks, "train", out, [*switches, *overrides])
     assert proc.returncode == 0, f"{layout} {switches} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return torch.load(out, weights_only=True), proc.stdout
@@ -75,7 +75,7 @@ def test_resume_continues_like_a_straight_run(name, pool, runs, tmp_path):
         return runs.run("train", layout, **RUN)[0]
 
     if case.stop[0] == "--kill-at-step":  # a rank killed with -9 takes its launch down: a launch of its own
-        ranks, overrides = layout_overrides(case.first, **RUN, **settings)
+        ranks, overrides = layout_overrides(case.first, **{**RUN, **settings})
         torchrun_job(ranks, "train", tmp_path / "first.pt", [*case.stop, *overrides])
         # while step 4 was being written: that folder exists but was never marked complete
         assert (folder / "step-4").is_dir() and not (folder / "step-4" / MARKER).exists()
@@ -97,3 +97,21 @@ def test_resume_continues_like_a_straight_run(name, pool, runs, tmp_path):
         assert "resharded to 2" in log
     print(f"{name}: max relative loss difference "
           f"{max(abs(l - reference[s]) / abs(reference[s]) for s, l in resumed['losses'].items()):.3g}")
+
+
+@pytest.mark.parametrize("layout", ["dp_shard=2 x tp=2", pytest.param("pp=2 x dp_shard=2 x tp=2 1F1B",
+                                                                      marks=pytest.mark.slow)])
+def test_final_save_of_a_step_just_saved(layout, pool, tmp_path):
+    # steps a multiple of interval: the final save finds the step saved already. Every rank must skip it alike (a
+    # rank that saved a second time would leave the others' DCP collectives unmatched), also when the run resumes
+    # in the same folder and the step was saved by the run before.
+    settings = {"checkpoint.enable": True, "job.dump_folder": str(tmp_path), "checkpoint.interval": 5,
+                "checkpoint.async_mode": "async", "checkpoint.last_save_model_only": False,
+                "checkpoint.keep_latest_k": 0}
+    for steps, first_step in ((10, 1), (10, 11), (15, 11)):
+        got, log = train(pool, layout, tmp_path / "run.pt", {**settings, "training.steps": steps})
+        assert got["first_step"] == first_step and sorted(got["losses"]) == list(range(first_step, steps + 1))
+        if first_step > 1:
+            assert f"resumed from {tmp_path / 'checkpoint' / f'step-{first_step - 1}'} " in log
+    assert sorted(p.name for p in (tmp_path / "checkpoint").iterdir()) == ["step-10", "step-15", "step-5"]
+    assert all((tmp_path / "checkpoint" / f"step-{s}" / MARKER).is_file() for s in (5, 10, 15))

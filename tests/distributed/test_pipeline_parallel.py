@@ -11,13 +11,10 @@ turns float32 summation-order noise into visible differences. The llama3 cases (
 reference and stay within 1e-5 with it.
 """
 
-import os
 import re
-import subprocess
 
 import pytest
 
-from tests.distributed.launch import ROOT
 from tests.distributed.parity import assert_matches_reference, assert_reference_moves
 
 # (layout, model, slow); llama3 unless named, smollm has tied embeddings.
@@ -60,15 +57,13 @@ def test_layout_matches_single_process(layout, model, runs):
 
 
 @pytest.mark.slow
-def test_cpu_3d_config_trains_on_8_ranks(tmp_path):
-    # configs/cpu_3d.toml (dp_shard=2 x tp=2 x pp=2, 1F1B, accumulation 2) through the launcher. Ranks 0 (first
-    # stage) and 7 (last stage) both log: the loss they print is the same, the last stage's, broadcast over the
-    # pipeline.
-    env = {**os.environ, "NGPU": "8", "CONFIG_FILE": "configs/cpu_3d.toml", "LOG_RANK": "0,7",
-           "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([str(ROOT / "run_train.sh"), "--job.dump_folder", str(tmp_path / "out"),
-                           "--training.steps", "3", "--metrics.disable_color_printing"],
-                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+def test_cpu_3d_config_trains_on_8_ranks(pool, tmp_path):
+    # configs/cpu_3d.toml as written (dp_shard=2 x tp=2 x pp=2, 1F1B, accumulation 2), through the training entry
+    # point. Ranks 0 (first stage) and 7 (last stage) both log: the loss they print is the same, the last stage's,
+    # broadcast over the pipeline.
+    proc = pool.run(8, "cli", tmp_path / "unused", [
+        "--job.config_file", "configs/cpu_3d.toml", "--job.dump_folder", str(tmp_path / "out"),
+        "--training.steps", "3", "--metrics.disable_color_printing"], env={"LOG_RANK": "0,7"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
     assert "pipeline 1F1B: 2 stages" in proc.stdout and "accumulation 2" in proc.stdout
     lines = re.findall(r"step:\s+(\d+)\s+loss:\s+([\d.]+)\s+grad_norm:\s+([\d.]+)", proc.stdout)

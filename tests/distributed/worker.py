@@ -5,7 +5,7 @@
 
 Pool mode is what makes the distributed suite fast: a launch, the imports and the process group cost seconds per
 rank, a debug-model job a second or two, so each world size is launched once per test session. Protocol (see
-pool.py): the client writes DIR/job-K.json ({"job", "out", "argv"} or {"stop": true}) for K = 0, 1, ...; rank 0
+pool.py): the client writes DIR/job-K.json ({"job", "out", "argv", "env"} or {"stop": true}) for K = 0, 1, ...; rank 0
 waits for it and broadcasts it; every rank runs it with its stdout/stderr in DIR/job-K.rankR.{out,err}; rank 0
 gathers the exit codes and writes DIR/job-K.done. A job that fails on some ranks only can leave the others in a
 collective: the client's timeout then kills the whole pool, and the next job starts a fresh one.
@@ -72,13 +72,18 @@ def serve(folder: Path) -> None:
     index = 0
     while not (job := _next_job(folder, index)).get("stop"):
         base = folder / f"job-{index}.rank{rank}"
+        saved_env = dict(os.environ)
+        os.environ.update(job.get("env", {}))  # e.g. LOG_RANK for this job only
         with open(f"{base}.out", "w") as out, open(f"{base}.err", "w") as err, \
                 contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             code = run_job(job)
+        os.environ.clear()
+        os.environ.update(saved_env)
         codes = [None] * dist.get_world_size()
         dist.all_gather_object(codes, code)
-        # What one job leaves behind must not reach the next: compiled graphs, garbage, the default dtype.
+        # What one job leaves behind must not reach the next: compiled graphs, deterministic mode, garbage.
         torch.compiler.reset()
+        torch.use_deterministic_algorithms(False)
         gc.collect()
         if rank == 0:
             _write_atomic(folder / f"job-{index}.done", json.dumps({"codes": codes}))

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from trainer.config import ConfigError, help_text, load_config
-from trainer.config.job_config import TORCHTITAN_KEYS, JobConfig
+from trainer.config.job_config import JobConfig
+from trainer.config.torchtitan_keys import TORCHTITAN_KEYS
 
 if sys.version_info >= (3, 11):
     import tomllib

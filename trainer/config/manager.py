@@ -21,7 +21,8 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from trainer.config import job_config as _schema
-from trainer.config.job_config import TORCHTITAN_KEYS, JobConfig
+from trainer.config.job_config import JobConfig
+from trainer.config.torchtitan_keys import NOT_YET, TORCHTITAN_KEYS
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -373,7 +374,7 @@ def validate(cfg: JobConfig) -> None:
            "validation.steps = -1 evaluates the whole split, but the synthetic dataset is endless; set "
            "validation.steps to a number of batches")
     ac, prof = cfg.activation_checkpoint, cfg.profiling
-    _check(ac.mode != "memory_budget", f"activation_checkpoint.mode = 'memory_budget': {_schema.NOT_YET}; use "
+    _check(ac.mode != "memory_budget", f"activation_checkpoint.mode = 'memory_budget': {NOT_YET}; use "
                                        f"full or selective")
     _one_of("activation_checkpoint.mode", ac.mode, ("none", "full", "selective"))
     _check(ac.selective_ac_option == "op" or (ac.selective_ac_option.isdigit() and int(ac.selective_ac_option) >= 1),
@@ -392,6 +393,8 @@ def validate(cfg: JobConfig) -> None:
     _check_torchtitan_keys(cfg)
 
 
+# What checkpoint.exclude_from_loading may name: the top-level keys of the Trainer's checkpoints (a unit test keeps
+# this and the Checkpointer in step; the config imports nothing of the trainer's).
 CHECKPOINT_PARTS = ("model", "optimizer", "lr_scheduler", "dataloader", "train_state", "rng")
 
 
