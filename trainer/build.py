@@ -107,6 +107,9 @@ def plan_run(cfg: JobConfig, world_size: int, device_type: str) -> RunPlan:
 
     Needs no process group and reads no data: DRY_RUN plans any layout on any machine with it."""
     check_device(cfg, device_type)
+    if cfg.checkpoint.create_seed_checkpoint and (world_size != 1 or not cfg.checkpoint.enable):
+        raise ConfigError(f"checkpoint.create_seed_checkpoint = true needs one rank (NGPU=1, here {world_size}) and "
+                          f"checkpoint.enable = true: the seed is the unsharded model's initial weights")
     model_args = model_args_for(cfg)
     dims = ParallelDims.resolve(cfg.parallelism, world_size)
     dims.validate_model(model_args)

@@ -16,7 +16,7 @@ Layout under {job.dump_folder}/{checkpoint.folder}:
 A folder without the marker is a save that did not finish: it is never loaded, and it is replaced when that step is
 saved again. A folder with it is never written into again. keep_latest_k deletes only older complete checkpoints,
 and only once a newer one is complete. A run resumed with another data-parallel degree gets its data position
-resharded exactly (reshard_loader_state); exclude_from_loading = ["dataloader"] restarts the data instead.
+resharded exactly (resume_position), and so is one resumed with another number of loader workers; exclude_from_loading = ["dataloader"] restarts the data instead.
 """
 
 import pickle
@@ -43,7 +43,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 from trainer.checkpoint_files import (MARKER, STEP_RE, checkpoint_folder, complete_steps, folder_bytes, plan_load,
                                       write_marker)
 from trainer.config import ConfigError, JobConfig
-from trainer.data.dataloader import reshard_loader_state
+from trainer.data.dataloader import resume_position, saved_workers
 from trainer.weights import check_model_fits, load_hf_weights, save_hf_weights
 
 # Optimizer state keyed by parameter name, param_groups included: unflattened, param_groups is a list whose
@@ -227,17 +227,20 @@ class Checkpointer:
         return parts
 
     def _load_dataloader(self, path: Path, states: list[dict], same_dp: bool) -> None:
-        if same_dp:
+        workers = self.dataloader.num_workers
+        if same_dp and saved_workers(states[0]) == workers:
             self.dataloader.load_state_dict(states[0])
             return
         try:
-            state = reshard_loader_state(states, self.dp_rank, self.dp_degree)
+            position = resume_position(states, self.dp_rank, self.dp_degree)
         except ValueError as e:
             raise ConfigError(f"checkpoint {path}: cannot reshard the data position ({e}); add dataloader to "
                               f"checkpoint.exclude_from_loading to restart the data") from None
-        self.dataloader.load_state_dict(state)
-        self.log(f"checkpoint: data position saved at data-parallel degree {len(states)} resharded to "
-                 f"{self.dp_degree}: no sample is read twice or skipped")
+        # The loader starts where its dataset is: in this process, or in each worker process it copies it to.
+        self.dataloader.dataset.load_state_dict(position)
+        self.log(f"checkpoint: data position saved at data-parallel degree {len(states)} with "
+                 f"{saved_workers(states[0])} loader workers resharded to {self.dp_degree} with {workers}: no sample "
+                 f"is read twice or skipped")
 
     # --- save --------------------------------------------------------------------------------------------------
 
@@ -245,7 +248,7 @@ class Checkpointer:
         """Call after every step. Saves a full checkpoint when due (every `interval` steps, after step 1 with
         enable_first_step_checkpoint, or `force`d by a stop signal); with `last` (after the final step) the final
         save: a model-only export (last_save_model_only) or a full checkpoint."""
-        if not self.c.enable:
+        if not self.c.enable or self.c.load_only:
             return
         if last:
             if self.c.last_save_model_only:

@@ -89,6 +89,10 @@ def plan_load(cfg: JobConfig) -> LoadPlan | None:
     else:
         plan = LoadPlan(Path(c.initial_load_path), False, c.initial_load_model_only, c.initial_load_in_hf)
         needed = "config.json" if plan.hf else ".metadata"
+        # torchtitan writes a run's final model-only save into checkpoint/step-N itself; ours is in export/step-N.
+        exported = plan.path.parent / "export" / plan.path.name
+        if not (plan.path / needed).is_file() and (exported / needed).is_file():
+            plan.path = exported
         if not (plan.path / needed).is_file():
             kind = "an HF model folder (config.json + safetensors)" if plan.hf else \
                 "a DCP checkpoint folder such as step-N (or set initial_load_in_hf = true for an HF folder)"

@@ -3,12 +3,13 @@
 import os
 import sys
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 from trainer.config import ConfigError
-from trainer.torch_private import nvshmem_available, use_nvshmem_symmetric_memory
+from trainer.torch_private import nvshmem_available, set_process_group_timeouts, use_nvshmem_symmetric_memory
 
 
 @dataclass
@@ -33,8 +34,22 @@ def _log_ranks() -> frozenset[int]:
         raise ConfigError(f"LOG_RANK = {raw!r}: expected a rank or a comma-separated list of ranks, e.g. 0 or 0,4")
 
 
-def init_distributed() -> DistInfo:
-    """Read torchrun's environment, pick the device and backend (COMM_BACKEND) and init the process group.
+def _flight_recorder_env(comm, dump_folder: str) -> None:
+    """NCCL's flight recorder (comm.trace_buf_size entries per rank), dumped into comm.save_traces_folder when a
+    collective times out. Environment variables NCCL reads at init; other backends ignore them."""
+    os.environ["TORCH_FR_BUFFER_SIZE"] = str(comm.trace_buf_size)
+    if comm.trace_buf_size > 0:
+        folder = os.path.join(dump_folder, comm.save_traces_folder)
+        os.makedirs(folder, exist_ok=True)
+        os.environ["TORCH_NCCL_DUMP_ON_TIMEOUT"] = "1"
+        os.environ["TORCH_FR_DUMP_TEMP_FILE"] = os.path.join(folder, comm.save_traces_file_prefix)
+        # The watchdog must not clean up a timed-out collective before the recorder dumped it.
+        os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "3"
+
+
+def init_distributed(comm=None, dump_folder: str = ".") -> DistInfo:
+    """Read torchrun's environment, pick the device and backend (COMM_BACKEND) and init the process group, whose
+    collectives may wait comm.init_timeout_seconds (the [comm] section; torch's default without one).
 
     A run without torchrun's variables is one process and gets no process group at all; a process group that is
     already initialized is kept.
@@ -58,10 +73,41 @@ def init_distributed() -> DistInfo:
         raise ConfigError(f"COMM_BACKEND = {backend!r} is not one of nccl, gloo, nvshmem")
     elif backend == "nccl" and not cuda:
         raise ConfigError("COMM_BACKEND = 'nccl' needs CUDA, and no GPU is visible; use gloo (the default on CPU)")
-    dist.init_process_group(backend=backend, device_id=device if backend == "nccl" else None)
+    timeout = None
+    if comm is not None:
+        timeout = timedelta(seconds=comm.init_timeout_seconds)
+        if backend == "nccl":
+            _flight_recorder_env(comm, dump_folder)
+    dist.init_process_group(backend=backend, device_id=device if backend == "nccl" else None, timeout=timeout)
     if os.environ.get("COMM_BACKEND") == "nvshmem":
         use_nvshmem_symmetric_memory()
     return info
+
+
+def set_timeouts(seconds: int, device: torch.device) -> None:
+    """Every process group's collectives may wait `seconds` from now on (comm.train_timeout_seconds after the first
+    step). All ranks meet first, so no rank starts waiting under the new limit while another is still in a step
+    that the old one allowed."""
+    if not dist.is_initialized():
+        return
+    dist.barrier()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    set_process_group_timeouts(timedelta(seconds=seconds))
+
+
+def collective_failure(e: BaseException, rank: int) -> str | None:
+    """One line for a collective that timed out or lost a peer (a rank stalled or died), else None (a bug)."""
+    text = str(e)
+    if "imed out" in text or "Timeout" in text:
+        what = "a collective timed out on this rank: another rank stalled or died (limits: comm.init_timeout_seconds, "\
+               "then comm.train_timeout_seconds)"
+    elif "Connection closed by peer" in text or "Connection reset by peer" in text:
+        what = "a peer rank closed its connection mid-collective: it died or exited"
+    else:
+        return None
+    first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+    return f"rank {rank}: {what} [{type(e).__name__}: {first[:200]}]"
 
 
 def shutdown(exit_code: int, clean: bool) -> None:

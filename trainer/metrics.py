@@ -1,5 +1,6 @@
-"""The per-step log line, TensorBoard scalars, MFU and memory."""
+"""The per-step log line, TensorBoard and W&B scalars, MFU and memory."""
 
+import dataclasses
 import json
 import os
 import platform
@@ -9,6 +10,8 @@ from datetime import datetime
 from pathlib import Path
 
 import torch
+
+from trainer.config import ConfigError
 
 # Dense bf16 peak FLOP/s per GPU (no sparsity), matched against torch.cuda.get_device_name().
 GPU_PEAK_FLOPS = {"H200": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12, "B200": 2.25e15,
@@ -60,8 +63,53 @@ def memory_gib(device: torch.device) -> tuple[float, float | None]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, None  # ru_maxrss is KiB on Linux
 
 
+class _TensorBoard:
+    """Scalars into TensorBoard event files under `log_dir`."""
+
+    def __init__(self, log_dir: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(log_dir), max_queue=1000)
+
+    def write(self, scalars: dict[str, float], step: int) -> None:
+        for tag, value in scalars.items():
+            self.writer.add_scalar(tag, value, step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class _WandB:
+    """Scalars into a Weights & Biases run, named as wandb users expect: WANDB_PROJECT (default "trainer"),
+    WANDB_ENTITY / WANDB_TEAM, WANDB_RUN_NAME, WANDB_RUN_ID, WANDB_RUN_GROUP, WANDB_TAGS (comma-separated) and
+    WANDB_MODE (offline keeps the run on disk under job.dump_folder/wandb). The resolved config is the run's
+    config."""
+
+    def __init__(self, cfg, run_name: str | None):
+        try:
+            import wandb
+        except ImportError:
+            raise ConfigError("metrics.enable_wandb = true needs the wandb package: pip install -e .[wandb] "
+                              "(or set it to false)") from None
+        env = os.environ.get
+        folder = Path(cfg.job.dump_folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.wandb = wandb
+        self.run = wandb.init(project=env("WANDB_PROJECT", "trainer"), entity=env("WANDB_ENTITY") or env("WANDB_TEAM"),
+                              name=env("WANDB_RUN_NAME") or run_name, id=env("WANDB_RUN_ID"),
+                              group=env("WANDB_RUN_GROUP"), tags=[t for t in env("WANDB_TAGS", "").split(",") if t],
+                              dir=str(folder), config=dataclasses.asdict(cfg))
+
+    def write(self, scalars: dict[str, float], step: int) -> None:
+        self.run.log(scalars, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
 class MetricsLogger:
-    """Turns per-step measurements into the console line and TensorBoard scalars on the logging ranks."""
+    """Turns per-step measurements into the console line, and scalars for TensorBoard and W&B, on the logging
+    ranks."""
 
     def __init__(self, cfg, device: torch.device, flops_per_token: int, peak: float, enabled: bool,
                  tokens_divisor: int, rank: int = 0, run_name: str | None = None):
@@ -70,16 +118,16 @@ class MetricsLogger:
         # Ranks that split one sequence's work (tp, cp, pp) process the same tokens: count them once per device.
         self.tokens_divisor = tokens_divisor
         self.color = not cfg.metrics.disable_color_printing
-        self.writer = None
+        self.writers = []
         all_ranks = cfg.metrics.save_for_all_ranks
         if cfg.metrics.enable_tensorboard and (enabled or all_ranks):
-            from torch.utils.tensorboard import SummaryWriter
-
             log_dir = Path(cfg.job.dump_folder) / cfg.metrics.save_tb_folder / (
                 run_name or datetime.now().strftime("%Y%m%d-%H%M%S"))
             if all_ranks:
                 log_dir = log_dir / f"rank_{rank}"
-            self.writer = SummaryWriter(log_dir=str(log_dir), max_queue=1000)
+            self.writers.append(_TensorBoard(log_dir))
+        if cfg.metrics.enable_wandb and enabled:
+            self.writers.append(_WandB(cfg, run_name))
 
     def log(self, step: int, loss_avg: float, loss_max: float, grad_norm: float, lr: float, tokens: int,
             elapsed: float, data_time: float, steps: int) -> dict[str, float]:
@@ -91,9 +139,8 @@ class MetricsLogger:
                    "grad_norm": grad_norm, "lr": lr, "throughput(tps)": tps, "tflops": flops / 1e12,
                    "mfu(%)": 100 * flops / self.peak, "memory/max_reserved(GiB)": mem,
                    "time_metrics/end_to_end(s)": elapsed / steps, "time_metrics/data_loading(s)": data_time / steps}
-        if self.writer is not None:
-            for tag, value in scalars.items():
-                self.writer.add_scalar(tag, value, step)
+        for writer in self.writers:
+            writer.write(scalars, step)
         if not self.enabled:
             return scalars
         c = ("\033[31m", "\033[36m", "\033[33m", "\033[34m", "\033[35m", "\033[0m") if self.color else ("",) * 6
@@ -110,16 +157,15 @@ class MetricsLogger:
         scalars = {"validation_metrics/loss": loss, "validation_metrics/perplexity": perplexity}
         if not self.enabled:
             return scalars
-        if self.writer is not None:
-            for tag, value in scalars.items():
-                self.writer.add_scalar(tag, value, step)
+        for writer in self.writers:
+            writer.write(scalars, step)
         c = ("\033[32m", "\033[36m", "\033[33m", "\033[0m") if self.color else ("",) * 4
         print(f"{c[0]}validate step: {step:>5}  {c[1]}loss: {loss:8.4f}  perplexity: {perplexity:,.2f}  "
               f"{c[2]}batches: {batches}  tokens: {tokens:,}  time: {elapsed:.2f}s{c[3]}", flush=True)
         return scalars
 
     def close(self) -> None:
-        """Flush and close TensorBoard (must happen before os._exit, which skips atexit)."""
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
+        """Flush and close TensorBoard and W&B (must happen before os._exit, which skips atexit)."""
+        for writer in self.writers:
+            writer.close()
+        self.writers = []

@@ -121,3 +121,24 @@ def dump_cuda_memory_snapshot(path: str) -> None:
     import torch
 
     torch.cuda.memory._dump_snapshot(path)
+
+
+# --- Reference cycles that hold tensors (training.gc_debug) ------------------------------------------------------
+def warn_tensor_cycles():
+    """Until the returned function is called, every garbage collection that frees a reference cycle holding a CUDA
+    tensor warns with a picture of the cycle (torch.utils.viz._cycles, private; CUDA builds only)."""
+    from torch.utils.viz._cycles import warn_tensor_cycles as warn
+
+    return warn()
+
+
+# --- Process-group timeouts (comm.train_timeout_seconds) ---------------------------------------------------------
+def set_process_group_timeouts(timeout) -> None:
+    """Set the collective timeout of every process group this process belongs to (the default one, the mesh's, the
+    checkpointer's and pipeline's), as torchtitan does after its first step. c10d keeps the groups in
+    `_world.pg_map` and changes one's timeout with `_set_pg_timeout`; both private in torch 2.13."""
+    from torch.distributed import distributed_c10d as c10d
+
+    for group in list(c10d._world.pg_map):
+        if not c10d._rank_not_in_group(group):
+            c10d._set_pg_timeout(timeout, group)

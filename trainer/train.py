@@ -8,6 +8,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -16,14 +17,16 @@ from torch.distributed.tensor import DTensor
 
 from trainer.build import build_model, check_data, load_tokenizer, plan_run
 from trainer.checkpoint import Checkpointer
-from trainer.config import ConfigError, JobConfig, help_text, load_config
+from trainer.config import ConfigError, JobConfig, help_text, load_config, save_config
 from trainer.data.dataloader import build_dataloader
-from trainer.distributed import init_distributed, shutdown
+from trainer.distributed import collective_failure, init_distributed, set_timeouts, shutdown
 from trainer.metrics import MetricsLogger, peak_flops
 from trainer.models.llama import flops_per_token, num_params
 from trainer.optim import build_lr_scheduler, build_optimizer, clip_grad_norm_
 from trainer.parallel.compile import maybe_compile_loss
+from trainer.parallel_dims import device_type
 from trainer.profiling import maybe_profile
+from trainer.torch_private import warn_tensor_cycles
 from trainer.validate import ValidationResult, Validator
 
 
@@ -57,6 +60,9 @@ class TrainState:
 class LoopObserver:
     """Hooks into Trainer.train, called on every rank; each does nothing unless overridden (tests and tools)."""
 
+    def before_training(self, trainer: "Trainer") -> None:
+        """Once the model is built and any checkpoint loaded, before the first step (trainer.step is where it starts)."""
+
     def after_step(self, trainer: "Trainer", step: int, loss: float | None) -> None:
         """After optimizer step `step` and its log line; `loss` is the logged global mean, None if it did not log."""
 
@@ -73,7 +79,7 @@ class LoopObserver:
 class Trainer:
     def __init__(self, cfg: JobConfig, observers: tuple[LoopObserver, ...] = ()):
         self.cfg, self.observers = cfg, observers
-        self.dist = init_distributed()
+        self.dist = init_distributed(cfg.comm, cfg.job.dump_folder)
         self.device = self.dist.device
         # Layout: every check and derived figure, before anything is allocated (trainer/build.py).
         self.plan = plan = plan_run(cfg, self.dist.world_size, self.device.type)
@@ -81,7 +87,7 @@ class Trainer:
         torch.manual_seed(plan.seed)
         if cfg.debug.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True)
+            torch.use_deterministic_algorithms(True, warn_only=cfg.debug.deterministic_warn_only)
         if self.dist.world_size > 1:
             self.dims.build_mesh(self.device.type)
 
@@ -93,7 +99,7 @@ class Trainer:
             self.dataloader = build_dataloader(
                 cfg.training.dataset, cfg.training.dataset_path, self.tokenizer, cfg.training.seq_len,
                 cfg.training.local_batch_size, dp_rank, dp_degree, seed=plan.seed,
-                vocab_size=plan.model_args.vocab_size)
+                vocab_size=plan.model_args.vocab_size, options=cfg.training.dataloader)
         except (ValueError, FileNotFoundError) as e:
             raise ConfigError(f"training.dataset = {cfg.training.dataset!r}: {e}") from None
 
@@ -102,7 +108,8 @@ class Trainer:
         self.model = build_model(plan, self.device, self.loss_fn)
         self.params = self.model.parameters()
         self.optimizer = build_optimizer(self.params, cfg.optimizer)
-        self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.lr_scheduler, cfg.training.steps)
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.lr_scheduler,
+                                               cfg.lr_scheduler.total_steps or cfg.training.steps)
         self.state = TrainState()
         self.metrics = MetricsLogger(
             cfg, self.device, flops_per_token(plan.model_args, cfg.training.seq_len),
@@ -116,6 +123,8 @@ class Trainer:
                   f"{feature_summary(cfg)}")
         if plan.pp_plan is not None:
             self._log(plan.pp_plan.describe())
+        if cfg.job.save_config_file and self.dist.rank == 0:
+            self._log(f"config saved to {save_config(cfg, Path(cfg.job.dump_folder) / cfg.job.save_config_file)}")
 
         # Checkpoint: now that everything it restores exists, resume (or start from checkpoint.initial_load_path).
         self.checkpointer = Checkpointer(cfg, self.model.parts, self.optimizer, self.lr_scheduler, self.dataloader,
@@ -208,29 +217,49 @@ class Trainer:
         return gathered.mean().item(), gathered.max().item()
 
     def train(self) -> None:
-        """The training loop: data, step, profile, log, validation, checkpoint, garbage collection."""
+        """The training loop: data, step, profile, log, validation, checkpoint, garbage collection.
+
+        With checkpoint.create_seed_checkpoint it saves the initial weights as step-0 instead, and returns."""
+        if self.cfg.checkpoint.create_seed_checkpoint:
+            self.checkpointer.save(0, force=True)
+            self._log("seed checkpoint saved (step 0); runs of any layout can start from it")
+            return
         cfg = self.cfg.training
+        for observer in self.observers:
+            observer.before_training(self)
         data_iter = iter(self.dataloader)  # created after the checkpoint load, so it starts at the saved position
         gc_was_enabled = gc.isenabled()
         gc.disable()  # collections at random times stall ranks at different moments; collect on a schedule instead
+        stop_watching = None
+        if cfg.gc_debug and self.device.type == "cuda":
+            stop_watching = warn_tensor_cycles()
+        elif cfg.gc_debug:
+            self._log("training.gc_debug: collecting every step; reports of cycles holding tensors need CUDA")
         try:
             with maybe_profile(self.cfg, self.dist.rank, self.device, self.step, log=self._log) as profiler:
                 self._loop(cfg, data_iter, profiler)
         finally:
+            if stop_watching is not None:
+                stop_watching()
             if gc_was_enabled:
                 gc.enable()
 
     def _loop(self, cfg, data_iter, profiler) -> None:
         window_start, data_time, tokens, window_steps = time.perf_counter(), 0.0, 0, 0
+        first_step = self.step + 1
         while self.step < cfg.steps:
             t0 = time.perf_counter()
             batches = [next(data_iter) for _ in range(self.plan.accum_steps)]
             data_time += time.perf_counter() - t0
             tokens += self.plan.tokens_per_step // self.dims.dp  # this rank's share (every window is full)
             loss, grad_norm = self.train_step(batches)
+            if self.step == first_step:  # start-up (loading, compiling) is over: a stalled rank now fails sooner
+                set_timeouts(self.cfg.comm.train_timeout_seconds, self.device)
             window_steps += 1
             profiler.step()
-            if self.step % cfg.gc_freq == 0:
+            if cfg.gc_debug:
+                gc.collect()  # every generation, every step: a cycle holding tensors shows at the step it appears
+            elif self.step % cfg.gc_freq == 0:
                 gc.collect(1)
             loss_avg = None
             if self.step == 1 or self.step % self.cfg.metrics.log_freq == 0 or self.step == cfg.steps:
@@ -267,23 +296,35 @@ class Trainer:
         self.checkpointer.close()
 
 
-def run(argv: list[str]) -> int:
+def run(argv: list[str], observers: tuple[LoopObserver, ...] = ()) -> int:
     """Train as the config in `argv` says; the exit code: 0, 2 for a mistake in the config (one line on stderr from
-    rank 0), 1 for a bug (its traceback). Leaves the process group up: `main` ends the process."""
-    trainer = None
+    rank 0), 1 for a bug (its traceback) or a failed collective (one line per rank). Leaves the process group up:
+    `main` ends the process."""
+    trainer, rank = None, int(os.environ.get("RANK", "0"))
     try:
-        trainer = Trainer(load_config(argv))
+        cfg = load_config(argv)
+        if cfg.comm.mode == "fake_backend":  # torchtitan's way to check a layout without devices: DRY_RUN's
+            from trainer.dry_run import dry_run
+
+            world = int(os.environ.get("NGPU") or os.environ.get("WORLD_SIZE", "1"))
+            if rank == 0:
+                print(dry_run(cfg, world, target=device_type()), flush=True)
+            return 0
+        trainer = Trainer(cfg, observers)
         trainer.train()
         return 0
     except ConfigError as e:
         # Every rank reaches the same verdict; one line from rank 0 is enough.
-        if int(os.environ.get("RANK", "0")) == 0:
+        if rank == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
-    except BaseException:
-        import traceback
+    except BaseException as e:
+        if (line := collective_failure(e, rank)) is not None:
+            print(f"error: {line}", file=sys.stderr, flush=True)
+        else:
+            import traceback
 
-        traceback.print_exc()
+            traceback.print_exc()
         return 1
     finally:
         if trainer is not None:

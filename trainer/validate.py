@@ -126,7 +126,7 @@ class Validator:
             self.loader = build_dataloader(
                 self.data.dataset, self.data.dataset_path, tokenizer, self.data.seq_len, self.data.local_batch_size,
                 dp_rank, dp_degree, seed=seed + SYNTHETIC_SEED_OFFSET, split="validation", infinite=False,
-                vocab_size=vocab_size)
+                vocab_size=vocab_size, options=cfg.validation.dataloader)
         except (ValueError, FileNotFoundError) as e:
             raise ConfigError(f"validation.dataset = {self.data.dataset!r}: {e}") from None
         # Every pass starts from here: a pass cut short (steps = N, or another rank ran out) would otherwise resume.

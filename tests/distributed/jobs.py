@@ -7,7 +7,8 @@ A job runs inside a process group that is already up, either in a pooled worker 
     steps        N training steps through Trainer.train_step: losses, grad norms, params after step 1
     train        the real loop (Trainer.train, with its checkpoints): the logged loss of every step; switches
                  --signal-at-step N (the last rank SIGTERMs itself in step N), --kill-at-step N (every rank
-                 SIGKILLs itself after step N's checkpoint call; one-off launches only), --slow-writes S
+                 SIGKILLs itself after step N's checkpoint call), --slow-writes S, --stall-at-step N with
+                 --stall-seconds S (the last rank sleeps after step N); the last three in one-off launches only
     validation   the real loop with validation: the logged losses and, per validation, its result, the weights it
                  saw and whether it left the RNG and train mode alone; --dcp DIR saves the final model there
     mesh         the DeviceMesh of a layout, checked against rank arithmetic
@@ -77,15 +78,22 @@ def steps(out: str, argv: list[str]) -> int:
 class LossRecorder(LoopObserver):
     """The logged global loss of every step (needs metrics.log_freq = 1), and the fault switches of `train`."""
 
-    def __init__(self, signal_at: int | None = None, kill_at: int | None = None):
+    def __init__(self, signal_at: int | None = None, kill_at: int | None = None, stall_at: int | None = None,
+                 stall_seconds: float = 0.0):
         self.losses: dict[int, float] = {}
-        self.signal_at, self.kill_at = signal_at, kill_at
+        self.signal_at, self.kill_at, self.stall_at, self.stall_seconds = signal_at, kill_at, stall_at, stall_seconds
+
+    def before_training(self, trainer):
+        self.first_step = trainer.step + 1
 
     def after_step(self, trainer, step, loss):
         assert loss is not None, "recording the logged loss needs metrics.log_freq = 1"
         self.losses[step] = loss
-        if step == self.signal_at and trainer.dist.rank == trainer.dist.world_size - 1:
+        last_rank = trainer.dist.rank == trainer.dist.world_size - 1
+        if step == self.signal_at and last_rank:
             os.kill(os.getpid(), signal.SIGTERM)  # the checkpointer's handler records it: save and stop
+        if step == self.stall_at and last_rank:
+            time.sleep(self.stall_seconds)  # a hung rank: the others wait in their next collective
 
     def after_checkpoint(self, trainer, step):
         if step == self.kill_at:
@@ -104,22 +112,21 @@ def _slow_checkpoint_writes(seconds: float) -> None:
 
 
 def train(out: str, argv: list[str]) -> int:
-    """Trainer.train with its checkpoints; records {"losses": {step: loss}, "first_step": first step trained}."""
+    """The training entry point (trainer.train.run: its one-line errors and exit codes) with a recorder; rank 0
+    writes {"losses": {step: loss}, "first_step": the first step this run trained}."""
     switches = {}
-    while argv and argv[0] in ("--signal-at-step", "--kill-at-step", "--slow-writes"):
+    while argv and argv[0] in ("--signal-at-step", "--kill-at-step", "--slow-writes", "--stall-at-step",
+                               "--stall-seconds"):
         switches[argv[0][2:]] = float(argv[1])
         argv = argv[2:]
     if "slow-writes" in switches:
         _slow_checkpoint_writes(switches["slow-writes"])
-    recorder = LossRecorder(switches.get("signal-at-step"), switches.get("kill-at-step"))
-    trainer = Trainer(load_config(argv), observers=(recorder,))
-    try:
-        first_step = trainer.step + 1
-        trainer.train()
-        _save(trainer, out, {"losses": recorder.losses, "first_step": first_step})
-    finally:
-        trainer.close()
-    return 0
+    recorder = LossRecorder(switches.get("signal-at-step"), switches.get("kill-at-step"),
+                            switches.get("stall-at-step"), switches.get("stall-seconds", 0.0))
+    code = train_module.run(argv, observers=(recorder,))
+    if code == 0 and dist.get_rank() == 0:
+        torch.save({"losses": recorder.losses, "first_step": recorder.first_step}, out)
+    return code
 
 
 class ValidationRecorder(LossRecorder):

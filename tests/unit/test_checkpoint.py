@@ -100,6 +100,19 @@ def test_hf_export_after_a_step_holds_the_trained_weights(hf_source, tmp_path):
     assert (logits(hf_model, TOKENS) - ours).abs().max().item() > 1e-3  # the step did move the weights
 
 
+def test_torchtitan_hf_export_flow(tmp_path):
+    # torchtitan's flow: one run ends with an HF export (last_save_model_only + last_save_in_hf); the next starts
+    # from "<checkpoint folder>/step-N" with initial_load_in_hf. Our export lives in export/step-N: the torchtitan
+    # path finds it there.
+    first = train(tmp_path / "a", "--training.steps", "2", "--checkpoint.last_save_model_only",
+                  "--checkpoint.last_save_in_hf")
+    second = train(tmp_path / "b", "--training.steps", "0", "--checkpoint.initial_load_path",
+                   str(tmp_path / "a/checkpoint/step-2"), "--checkpoint.initial_load_in_hf",
+                   "--checkpoint.initial_load_model_only")
+    for (name, a), (_, b) in zip(first.model.model.named_parameters(), second.model.model.named_parameters()):
+        assert torch.equal(a, b), name
+
+
 def run_script(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "scripts/convert_checkpoint.py"), *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})

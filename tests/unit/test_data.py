@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.data.dataloader import build_dataloader, reshard_loader_state
+from types import SimpleNamespace
+
+from trainer.data.dataloader import build_dataloader, resume_position
 from trainer.data.datasets import C4_TEST_PATH, build_dataset
 from trainer.data.tokenizer import Tokenizer
 
@@ -161,7 +163,7 @@ def test_data_position_reshards_to_another_dp_degree(name, saved_degree, new_deg
         saved.append(dl.state_dict())
     for rank in range(new_degree):
         resumed = loader(**kwargs, dp_rank=rank, dp_degree=new_degree)
-        resumed.load_state_dict(reshard_loader_state(saved, rank, new_degree))
+        resumed.dataset.load_state_dict(resume_position(saved, rank, new_degree))
         # It goes on with the windows 12 + rank, 12 + rank + new_degree, ...: none read twice, none skipped.
         assert all(torch.equal(got, stream[12 + rank + i * new_degree]) for i, got in enumerate(take(resumed, 4)))
 
@@ -173,7 +175,48 @@ def test_reshard_refuses_states_of_different_steps(tokenizer):
         take(dl, batches)
         saved.append(dl.state_dict())
     with pytest.raises(ValueError, match="different positions"):
-        reshard_loader_state(saved, 0, 1)
+        resume_position(saved, 0, 1)
+
+
+# --- worker processes --------------------------------------------------------------------------------------------
+
+def workers(n: int) -> SimpleNamespace:
+    """A [training.dataloader] section."""
+    return SimpleNamespace(num_workers=n, persistent_workers=False, pin_memory=False, prefetch_factor=None)
+
+
+@pytest.mark.parametrize("name", ["c4_test", "synthetic"])
+def test_workers_hand_out_the_batches_of_one_process(name, tokenizer):
+    for dp_rank in range(2):
+        kwargs = dict(name=name, tokenizer=tokenizer, batch=2, dp_rank=dp_rank, dp_degree=2, seed=3)
+        plain, with_workers = take(loader(**kwargs), 6), take(loader(**kwargs, options=workers(2)), 6)
+        assert all(torch.equal(a, b) for a, b in zip(plain, with_workers))
+
+
+def test_resume_with_workers_is_exact_and_reshards(tokenizer):
+    kwargs = dict(name="c4_test", tokenizer=tokenizer, batch=2, seed=3)
+    straight = take(loader(**kwargs, dp_degree=1), 8)  # one process: what the two ranks read together
+    saved = []
+    for rank in range(2):  # dp=2, 2 workers each: 3 batches per rank, then the state
+        dl = loader(**kwargs, dp_rank=rank, dp_degree=2, options=workers(2))
+        it = iter(dl)
+        [next(it) for _ in range(3)]
+        saved.append(dl.state_dict())
+        # the same degree and workers: the loader state resumes exactly
+        resumed = loader(**kwargs, dp_rank=rank, dp_degree=2, options=workers(2))
+        resumed.load_state_dict(saved[-1])
+        assert all(torch.equal(a, b) for a, b in zip(take(resumed, 2), dl_after(it, 2)))
+    # dp=2 x 2 workers -> one process without workers: the global stream goes on at window 12 (2 ranks x 3 x 2).
+    one = loader(**kwargs, dp_degree=1)
+    one.dataset.load_state_dict(resume_position(saved, 0, 1))
+    rest = torch.cat([b for b in take(one, 2)], dim=1)
+    expected = torch.cat(straight, dim=1)[:, 12:16]
+    assert torch.equal(rest, expected)
+
+
+def dl_after(it, n: int) -> list:
+    """The next n batches of a running iterator, as `take` returns them."""
+    return [torch.stack(next(it)) for _ in range(n)]
 
 
 # --- local files and errors --------------------------------------------------------------------------------------

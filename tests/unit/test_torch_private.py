@@ -58,3 +58,10 @@ def test_cpu_sdpa_runs_the_flash_kernel():
         torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True).sum().backward()
     assert torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default in seen
     assert torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default in seen
+
+
+def test_tensor_cycle_warnings_for_gc_debug():
+    from torch.utils.viz import _cycles
+
+    assert callable(getattr(_cycles, "warn_tensor_cycles", None)), \
+        "torch.utils.viz._cycles.warn_tensor_cycles is gone: update warn_tensor_cycles (training.gc_debug)"

@@ -8,6 +8,7 @@ the entry point prints it and exits non-zero without a traceback.
 
 import ast
 import dataclasses
+import json
 import difflib
 import inspect
 import sys
@@ -19,6 +20,8 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
+
+import tomli_w
 
 from trainer.config import job_config as _schema
 from trainer.config.job_config import JobConfig
@@ -229,6 +232,21 @@ def help_text() -> str:
     return "\n".join(lines)
 
 
+def _without_unset(data: dict) -> dict:
+    """A config as nested dicts without its unset (None) keys, which TOML cannot spell."""
+    return {k: _without_unset(v) if isinstance(v, dict) else v for k, v in data.items() if v is not None}
+
+
+def save_config(cfg: JobConfig, path: Path) -> Path:
+    """Write the resolved config to `path` and return it: TOML, which --job.config_file loads again, or JSON for a
+    .json name, as torchtitan writes it."""
+    data = _without_unset(dataclasses.asdict(cfg))
+    data["job"].pop("config_file", None)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n" if path.suffix == ".json" else tomli_w.dumps(data))
+    return path
+
+
 def load_config(argv: list[str] | None = None) -> JobConfig:
     """Defaults, then the TOML file, then the CLI overrides; validated. Raises ConfigError on bad input."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -281,7 +299,7 @@ def _apply_torchtitan_names(cfg: JobConfig, explicit: set[str]) -> None:
         _check("model.hf_assets_path" not in explicit or m.hf_assets_path == m.tokenizer_path,
                f"model.tokenizer_path = {m.tokenizer_path!r} contradicts model.hf_assets_path = {m.hf_assets_path!r}; "
                f"tokenizer_path is the former name of hf_assets_path: set only hf_assets_path")
-        m.hf_assets_path = m.tokenizer_path
+        m.hf_assets_path, m.tokenizer_path = m.tokenizer_path, None  # one name from here on
 
 
 def _resolve_asset_paths(cfg: JobConfig) -> None:
@@ -359,6 +377,8 @@ def validate(cfg: JobConfig) -> None:
     for key, value in (("optimizer.beta1", o.beta1), ("optimizer.beta2", o.beta2)):
         _check(0 <= value < 1, f"{key} = {value} must be in [0, 1)")
     _check(s.warmup_steps >= 0, f"lr_scheduler.warmup_steps = {s.warmup_steps} must be >= 0")
+    _check(s.total_steps is None or s.total_steps >= 1,
+           f"lr_scheduler.total_steps = {s.total_steps} must be >= 1 (or left unset for training.steps)")
     _check(s.decay_ratio is None or 0 <= s.decay_ratio <= 1,
            f"lr_scheduler.decay_ratio = {s.decay_ratio} must be in [0, 1] (or left unset)")
     _check(0 <= s.min_lr_factor <= 1, f"lr_scheduler.min_lr_factor = {s.min_lr_factor} must be in [0, 1]")
@@ -388,6 +408,15 @@ def validate(cfg: JobConfig) -> None:
     _check(not prof.enable_profiling or prof.profiler_warmup + prof.profiler_active <= prof.profile_freq,
            f"profiling.profiler_warmup {prof.profiler_warmup} + profiler_active {prof.profiler_active} > "
            f"profile_freq {prof.profile_freq}: a window must fit between two traces; lower them or raise profile_freq")
+    for section in ("training", "validation"):
+        d = getattr(cfg, section).dataloader
+        key = f"{section}.dataloader"
+        _check(d.num_workers >= 0, f"{key}.num_workers = {d.num_workers} must be >= 0")
+        _check(d.num_workers > 0 or (d.prefetch_factor is None and not d.persistent_workers),
+               f"{key}: prefetch_factor and persistent_workers need worker processes; set {key}.num_workers > 0 "
+               f"or leave them unset")
+        _check(d.prefetch_factor is None or d.prefetch_factor >= 1,
+               f"{key}.prefetch_factor = {d.prefetch_factor} must be >= 1 (or left unset)")
     _validate_checkpoint(cfg.checkpoint)
     _check_load_balancer(p.context_parallel_load_balancer)
     _check_torchtitan_keys(cfg)

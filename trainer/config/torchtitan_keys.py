@@ -45,8 +45,7 @@ def _read_only_by(status: str, feature: str) -> KeyStatus:
 
 
 def _dataloader(section: str) -> dict[str, KeyStatus]:
-    return {f"{section}.dataloader.{key}": _planned(off) for key, off in (
-        ("num_workers", 0), ("persistent_workers", False), ("pin_memory", False), ("prefetch_factor", None))}
+    return _implemented(f"{section}.dataloader", "num_workers", "persistent_workers", "pin_memory", "prefetch_factor")
 
 
 _FLOAT8 = "model.converters = [\"quantize.linear.float8\"], " + NOT_YET
@@ -57,27 +56,27 @@ _GROUPED = "grouped-matmul converters for mixture-of-experts layers; llama3 has 
 # outside `accepted`; --help shows each status next to the key's docstring.
 TORCHTITAN_KEYS: dict[str, KeyStatus] = {
     **_implemented("job", "config_file", "dump_folder", "description", "print_config"),
-    "job.save_config_file": _planned(None),
+    "job.save_config_file": _IMPLEMENTED,
     "job.custom_config_module": _planned(""),
     **_implemented("profiling", "enable_profiling", "save_traces_folder", "profile_freq", "profiler_active",
                    "profiler_warmup", "enable_memory_snapshot", "save_memory_snapshot_folder"),
     **_implemented("metrics", "log_freq", "enable_tensorboard", "disable_color_printing", "save_tb_folder",
                    "save_for_all_ranks"),
-    "metrics.enable_wandb": _planned(False),
+    "metrics.enable_wandb": _IMPLEMENTED,
     **_implemented("model", "name", "flavor", "hf_assets_path", "tokenizer_path"),
     "model.converters": _planned([]),
     "model.print_after_conversion": _planned(False),
     **_implemented("optimizer", "name", "lr", "beta1", "beta2", "eps", "weight_decay", "implementation"),
     "optimizer.early_step_in_backward": _planned(False),
     "lr_scheduler.warmup_steps": _IMPLEMENTED,
-    "lr_scheduler.total_steps": _planned(None),
+    "lr_scheduler.total_steps": _IMPLEMENTED,
     **_implemented("lr_scheduler", "decay_ratio", "decay_type", "min_lr_factor"),
     **_implemented("training", "dataset", "dataset_path", "local_batch_size", "global_batch_size", "seq_len",
                    "max_norm", "steps"),
     "training.enable_cpu_offload": _planned(False),
     "training.dtype": _planned("float32"),
     **_implemented("training", "mixed_precision_param", "mixed_precision_reduce", "gc_freq"),
-    "training.gc_debug": _planned(False),
+    "training.gc_debug": _IMPLEMENTED,
     **_dataloader("training"),
     **_implemented("parallelism", "data_parallel_replicate_degree", "data_parallel_shard_degree",
                    "fsdp_reshard_after_forward", "tensor_parallel_degree", "disable_loss_parallel",
@@ -99,8 +98,8 @@ TORCHTITAN_KEYS: dict[str, KeyStatus] = {
     "checkpoint.initial_load_in_hf_quantized": _never(False, why="llama3's HF checkpoints hold unquantized weights"),
     **_implemented("checkpoint", "last_save_model_only", "last_save_in_hf", "export_dtype", "async_mode",
                    "keep_latest_k", "load_step", "exclude_from_loading", "enable_first_step_checkpoint"),
-    "checkpoint.create_seed_checkpoint": _planned(False),
-    "checkpoint.load_only": _planned(False),
+    "checkpoint.create_seed_checkpoint": _IMPLEMENTED,
+    "checkpoint.load_only": _IMPLEMENTED,
     **_implemented("activation_checkpoint", "mode", "selective_ac_option"),
     "activation_checkpoint.per_op_sac_force_recompute_mm_shapes_by_fqns": _planned(["moe.router.gate"]),
     "activation_checkpoint.early_stop": _planned(False, True, why="not read yet: recomputation here always stops early "
@@ -121,12 +120,10 @@ TORCHTITAN_KEYS: dict[str, KeyStatus] = {
     **{key: _read_only_by("never", _GROUPED)
        for key in ("quantize.grouped_mm.float8.fqns", "quantize.grouped_mm.mx.recipe_name",
                    "quantize.grouped_mm.mx.fqns")},
-    "comm.init_timeout_seconds": _planned(300),
-    "comm.train_timeout_seconds": _planned(100),
-    "comm.trace_buf_size": _planned(20000, 0),
-    "comm.save_traces_folder": _read_only_by("planned", "the flight recorder, " + NOT_YET),
-    "comm.save_traces_file_prefix": _read_only_by("planned", "the flight recorder, " + NOT_YET),
-    "comm.mode": _planned("default", why=NOT_YET + " (DRY_RUN=1 checks a layout without devices)"),
+    **_implemented("comm", "init_timeout_seconds", "train_timeout_seconds", "trace_buf_size", "save_traces_folder",
+                   "save_traces_file_prefix"),
+    "comm.mode": _never("default", "fake_backend", why="local_tensor (one process simulating every rank) is not "
+                        "supported here; fake_backend checks a layout as DRY_RUN=1 does"),
     "memory_estimation.enable": _never(False, why="DRY_RUN=1 estimates memory per rank instead"),
     "memory_estimation.disable_fake_mode": _read_only_by("never", "memory_estimation; DRY_RUN=1 estimates memory "
                                                          "per rank instead"),
@@ -140,6 +137,6 @@ TORCHTITAN_KEYS: dict[str, KeyStatus] = {
                    "steps"),
     **_dataloader("validation"),
     **_implemented("debug", "seed", "deterministic"),
-    "debug.deterministic_warn_only": _planned(False),
+    "debug.deterministic_warn_only": _IMPLEMENTED,
     "debug.moe_force_load_balance": _never(False, why=NO_EXPERTS),
 }

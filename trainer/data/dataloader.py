@@ -10,32 +10,56 @@ from trainer.data.tokenizer import Tokenizer
 
 def build_dataloader(dataset: str, dataset_path: str | None, tokenizer: Tokenizer | None, seq_len: int,
                      local_batch_size: int, dp_rank: int, dp_degree: int, seed: int = 0, split: str = "train",
-                     infinite: bool = True, vocab_size: int | None = None) -> StatefulDataLoader:
+                     infinite: bool = True, vocab_size: int | None = None, options=None) -> StatefulDataLoader:
     """Batches of (inputs, labels), int64 tensors of shape [local_batch_size, seq_len]; a last partial batch is dropped.
 
     Training loaders are endless (`infinite=True`); a validation loader (`split="validation"`, `infinite=False`) makes
-    one pass per iteration. `vocab_size` is only read by the synthetic dataset.
+    one pass per iteration. `vocab_size` is only read by the synthetic dataset. `options`: a [*.dataloader] section
+    (num_workers, persistent_workers, pin_memory, prefetch_factor); worker processes share the rank's batches in
+    turn (see WindowStream), so the batches are the same with any number of workers.
     """
-    ds = build_dataset(dataset, dataset_path, tokenizer, seq_len, dp_rank, dp_degree, seed, split, infinite, vocab_size)
-    # No worker processes: each would iterate its own copy of the stream, and the dataset is cheap next to a step.
-    return StatefulDataLoader(ds, batch_size=local_batch_size, drop_last=True, num_workers=0)
+    ds = build_dataset(dataset, dataset_path, tokenizer, seq_len, dp_rank, dp_degree, seed, split, infinite,
+                       vocab_size, batch_size=local_batch_size)
+    workers = options.num_workers if options is not None else 0
+    extra = {} if workers == 0 else {"persistent_workers": options.persistent_workers,
+                                     "prefetch_factor": options.prefetch_factor}
+    return StatefulDataLoader(ds, batch_size=local_batch_size, drop_last=True, num_workers=workers,
+                              pin_memory=options.pin_memory if options is not None else False, **extra)
 
 
-def reshard_loader_state(states: list[dict], dp_rank: int, dp_degree: int) -> dict:
-    """The loader state for `dp_rank` of `dp_degree`, made from the states that every rank of another dp degree
-    saved at the same step (`states[r]` from dp rank r), so a run resumes its data with a new dp degree.
+def dataset_states(loader_state: dict) -> list[dict]:
+    """The dataset positions inside a StatefulDataLoader state: one without workers, one per worker with them."""
+    if "dataset_state" in loader_state:
+        return [loader_state["dataset_state"]]
+    workers = (loader_state.get("_snapshot") or {}).get("_worker_snapshots") or {}
+    return [w["dataset_state"] for w in workers.values() if w.get("dataset_state") is not None]
 
-    Exact because of the sharding rule (see datasets.py): every rank walks the one global stream, so the rank that
-    has counted the most windows holds the global position, every window before it was read by some rank and none
-    after it; each new rank continues from there with its own share. Raises ValueError on states that do not fit.
+
+def saved_workers(loader_state: dict) -> int:
+    """The number of worker processes of the loader that saved `loader_state`."""
+    if "dataset_state" in loader_state:
+        return 0
+    return loader_state["_snapshot"]["_main_snapshot"]["_num_workers"]
+
+
+def resume_position(states: list[dict], dp_rank: int, dp_degree: int) -> dict:
+    """The dataset state for `dp_rank` of `dp_degree`, made from the loader states every dp rank saved at one step
+    (`states[r]` from dp rank r, each with or without workers), for a run resumed with another dp degree or number
+    of workers.
+
+    Exact because of the sharding rule (see datasets.py): every rank and worker walks the one global stream, batches
+    are handed out in order, so the furthest position of any rank's worker is the global position, every window
+    before it was read and none after it; each new rank (and worker) continues from there with its own share.
+    Raises ValueError on states that do not fit.
     """
-    datasets_state = [s.get("dataset_state") or {} for s in states]
-    if any(d.get("dp_degree") != len(states) or d.get("dp_rank") != r for r, d in enumerate(datasets_state)):
+    per_rank = [dataset_states(s) for s in states]
+    if any(not d or any(x.get("dp_degree") != len(states) or x.get("dp_rank") != r for x in d)
+           for r, d in enumerate(per_rank)):
         raise ValueError(f"the {len(states)} saved data loader states are not one per dp rank of one run")
-    seen = [d["windows_seen"] for d in datasets_state]
-    if max(seen) - min(seen) >= len(states):
+    flat = [x for d in per_rank for x in d]
+    seen = [x["windows_seen"] for x in flat]
+    if all(len(d) == 1 for d in per_rank) and max(seen) - min(seen) >= len(states):
         raise ValueError(f"the saved data loader states are at different positions ({min(seen)}..{max(seen)} windows)")
-    furthest = max(range(len(states)), key=lambda r: seen[r])
-    state = copy.deepcopy(states[furthest])
-    state["dataset_state"].update(dp_rank=dp_rank, dp_degree=dp_degree)
+    state = copy.deepcopy(max(flat, key=lambda x: x["windows_seen"]))
+    state.update(dp_rank=dp_rank, dp_degree=dp_degree)
     return state

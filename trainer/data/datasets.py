@@ -12,7 +12,7 @@ from pathlib import Path
 
 import datasets
 import torch
-from torch.utils.data import IterableDataset
+from torch.utils.data import IterableDataset, get_worker_info
 
 from trainer.data.tokenizer import Tokenizer
 
@@ -76,19 +76,32 @@ def load_documents(name: str, dataset_path: str | None, split: str) -> datasets.
 
 
 class WindowStream(IterableDataset):
-    """Counts the windows of the global stream and tells which belong to this dp rank; base of the datasets here."""
+    """Counts the windows of the global stream and tells which belong to this dp rank (and, in a loader with
+    worker processes, to this worker); base of the datasets here.
 
-    def __init__(self, seq_len: int, dp_rank: int, dp_degree: int):
+    With W workers, each walks the whole stream and keeps the rank's batches k with k % W == its id (batches of
+    `batch_size` of the rank's windows): the loader hands batches out from the workers in turn, so the rank sees
+    the very batches, in the same order, that it reads without workers."""
+
+    def __init__(self, seq_len: int, dp_rank: int, dp_degree: int, batch_size: int = 1):
         if not 0 <= dp_rank < dp_degree:
             raise ValueError(f"dp_rank {dp_rank} must be in [0, dp_degree={dp_degree})")
-        self.seq_len, self.dp_rank, self.dp_degree = seq_len, dp_rank, dp_degree
+        self.seq_len, self.dp_rank, self.dp_degree, self.batch_size = seq_len, dp_rank, dp_degree, batch_size
         self._windows_seen = 0
+        self._worker, self._workers = 0, 1
+
+    def _find_worker(self) -> None:
+        """Called at the start of iteration: which worker process of how many this copy of the dataset runs in."""
+        info = get_worker_info()
+        self._worker, self._workers = (info.id, info.num_workers) if info is not None else (0, 1)
 
     def _is_mine(self) -> bool:
-        """Count one more global window; True when it belongs to this rank."""
+        """Count one more global window; True when it belongs to this rank (and worker)."""
         index = self._windows_seen
         self._windows_seen += 1
-        return index % self.dp_degree == self.dp_rank
+        if index % self.dp_degree != self.dp_rank:
+            return False
+        return (index // self.dp_degree // self.batch_size) % self._workers == self._worker
 
     @staticmethod
     def _sample(window: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,8 +132,8 @@ class PackedDataset(WindowStream):
     """
 
     def __init__(self, docs: datasets.Dataset | datasets.IterableDataset, tokenizer: Tokenizer, seq_len: int,
-                 dp_rank: int, dp_degree: int, seed: int = 0, infinite: bool = True):
-        super().__init__(seq_len, dp_rank, dp_degree)
+                 dp_rank: int, dp_degree: int, seed: int = 0, infinite: bool = True, batch_size: int = 1):
+        super().__init__(seq_len, dp_rank, dp_degree, batch_size)
         self.docs, self.tokenizer, self.seed, self.infinite = docs, tokenizer, seed, infinite
         self._shuffle = infinite and isinstance(docs, datasets.Dataset)
         self._rewind()
@@ -142,6 +155,7 @@ class PackedDataset(WindowStream):
             self._epoch, self._docs_consumed = self._epoch + 1, 0
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self._find_worker()
         window_len = self.seq_len + 1
         batches = self._document_batches()
         while True:
@@ -175,12 +189,14 @@ class PackedDataset(WindowStream):
 class SyntheticDataset(WindowStream):
     """Endless uniform random token ids; window i comes from its own seed, so any rank jumps straight to its own."""
 
-    def __init__(self, vocab_size: int, seq_len: int, dp_rank: int, dp_degree: int, seed: int = 0):
-        super().__init__(seq_len, dp_rank, dp_degree)
+    def __init__(self, vocab_size: int, seq_len: int, dp_rank: int, dp_degree: int, seed: int = 0,
+                 batch_size: int = 1):
+        super().__init__(seq_len, dp_rank, dp_degree, batch_size)
         self.vocab_size, self.seed = vocab_size, seed
         self._generator = torch.Generator()
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self._find_worker()
         while True:
             index = self._windows_seen
             if self._is_mine():
@@ -190,14 +206,14 @@ class SyntheticDataset(WindowStream):
 
 def build_dataset(name: str, dataset_path: str | None, tokenizer: Tokenizer | None, seq_len: int, dp_rank: int,
                   dp_degree: int, seed: int = 0, split: str = "train", infinite: bool = True,
-                  vocab_size: int | None = None) -> WindowStream:
+                  vocab_size: int | None = None, batch_size: int = 1) -> WindowStream:
     """The dataset `name` for one dp rank. `synthetic` needs `vocab_size` and is endless whatever split/infinite say;
-    the others need a tokenizer."""
+    the others need a tokenizer. `batch_size` is the loader's, by which worker processes share the rank's windows."""
     if name == "synthetic":
         if vocab_size is None:
             raise ValueError("dataset 'synthetic' needs vocab_size (the model's) to draw token ids from")
-        return SyntheticDataset(vocab_size, seq_len, dp_rank, dp_degree, seed)
+        return SyntheticDataset(vocab_size, seq_len, dp_rank, dp_degree, seed, batch_size)
     docs = load_documents(name, dataset_path, split)
     if tokenizer is None:
         raise ValueError(f"dataset {name!r} needs a tokenizer")
-    return PackedDataset(docs, tokenizer, seq_len, dp_rank, dp_degree, seed, infinite)
+    return PackedDataset(docs, tokenizer, seq_len, dp_rank, dp_degree, seed, infinite, batch_size)
