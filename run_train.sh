@@ -25,6 +25,10 @@ fi
 # Check the config for NGPU ranks first: a mistake is one line here, not NGPU tracebacks from torchrun.
 "$PYTHON" -m trainer.dry_run --preflight --job.config_file "$CONFIG_FILE" "$@" || exit $?
 
+# CUDA: the caching allocator grows segments instead of splitting fixed ones (fewer fragmentation OOMs).
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  export PYTORCH_ALLOC_CONF="${PYTORCH_ALLOC_CONF:-expandable_segments:True}"
+fi
 # Ranks share the host's cores; without this torchrun pins every rank to 1 thread.
 if [[ -z "${OMP_NUM_THREADS:-}" ]]; then
   cores="$(nproc 2>/dev/null || echo 1)"

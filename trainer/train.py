@@ -213,7 +213,7 @@ class Trainer:
         if mesh is None:
             return loss.item(), loss.item()
         gathered = torch.empty(mesh.size(), dtype=loss.dtype, device=loss.device)
-        dist.all_gather_into_tensor(gathered, loss.reshape(1), group=mesh.get_group())
+        dist.all_gather_single(gathered, loss.reshape(1), group=mesh.get_group())
         return gathered.mean().item(), gathered.max().item()
 
     def train(self) -> None:

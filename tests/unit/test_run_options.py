@@ -4,6 +4,7 @@ checkpoint.load_only and create_seed_checkpoint, debug.deterministic_warn_only, 
 import dataclasses
 import gc
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -123,3 +124,47 @@ def test_fake_backend_mode_checks_the_layout_as_dry_run_does(tmp_path, monkeypat
     code = run(["--job.config_file", str(ROOT / "configs/llama3_8b.toml"), "--comm.mode", "fake_backend"])
     out = capsys.readouterr().out
     assert code == 0 and "mesh: 8 ranks" in out and "dry run OK" in out
+
+
+def test_custom_modules_add_a_flavor_and_a_section(tmp_path):
+    # experimental.custom_import registers a flavor on import; job.custom_config_module's JobConfig adds [extra].
+    module = "tests.assets.custom.extension"
+    toml = tmp_path / "run.toml"
+    toml.write_text(f'[job]\ncustom_config_module = "{module}"\n[experimental]\ncustom_import = "{module}"\n'
+                    f'[extra]\ntemperature = 0.5\n')
+    overrides = args(tmp_path, "--training.steps", "1", "--model.flavor", "tiny_test", "--extra.enabled")
+    overrides[1] = str(toml)  # --job.config_file: the file above instead of the debug config
+    trainer, losses = train(*overrides)
+    assert (trainer.cfg.extra.temperature, trainer.cfg.extra.enabled) == (0.5, True)
+    assert trainer.plan.model_args.n_layers == 2 and sorted(losses) == [1]
+    with pytest.raises(ConfigError, match="unknown config section \\[extra\\]"):
+        load_config(["--extra.enabled"])  # without the module the section does not exist
+    with pytest.raises(ConfigError, match="job.custom_config_module = 'no.such.module' cannot be imported"):
+        load_config(["--job.custom_config_module", "no.such.module"])
+
+
+def test_wandb_gets_every_scalar_tensorboard_gets(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    import subprocess
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for name, value in {"WANDB_MODE": "offline", "WANDB_PROJECT": "trainer-test", "WANDB_RUN_NAME": "offline-check",
+                        "WANDB_SILENT": "true"}.items():
+        monkeypatch.setenv(name, value)
+    train(*args(tmp_path, "--training.steps", "3", "--metrics.enable_wandb", "--metrics.enable_tensorboard"))
+    (run,) = list((tmp_path / "tb").iterdir())
+    tb = EventAccumulator(str(run))
+    tb.Reload()
+    tensorboard = {(tag, e.step): e.value for tag in tb.Tags()["scalars"] for e in tb.Scalars(tag)}
+    # The offline run's transaction log, read back with wandb's own reader.
+    records = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(tmp_path / "wandb")],
+                             capture_output=True, text=True, timeout=120, check=True).stdout
+    history = [json.loads(line)["history"] for line in records.splitlines() if '"type":"history"' in line]
+    logged = {(tag, h["step"]["num"]): value for h in history for tag, value in h["item"].items()
+              if not tag.startswith("_")}
+    assert logged.keys() == tensorboard.keys() and len(logged) == 3 * 10
+    for key, value in tensorboard.items():  # TensorBoard keeps float32
+        assert logged[key] == pytest.approx(value, rel=1e-6), key
+    header = [json.loads(line)["run"] for line in records.splitlines() if '"type":"run"' in line][0]
+    assert (header["project"], header["display_name"]) == ("trainer-test", "offline-check")

@@ -8,6 +8,7 @@ the entry point prints it and exits non-zero without a traceback.
 
 import ast
 import dataclasses
+import importlib
 import json
 import difflib
 import inspect
@@ -23,7 +24,6 @@ else:  # pragma: no cover
 
 import tomli_w
 
-from trainer.config import job_config as _schema
 from trainer.config.job_config import JobConfig
 from trainer.config.torchtitan_keys import NOT_YET, TORCHTITAN_KEYS
 
@@ -47,27 +47,32 @@ def _fields(cls=JobConfig, prefix: str = "") -> typing.Iterator[tuple[str, datac
             yield from _fields(f.type, f"{prefix}{f.name}.")
 
 
-def _field_docs() -> dict[str, str]:
-    """Docstrings written under dataclass fields by dotted name, read from the schema's source (they are not kept
-    at runtime)."""
-    by_class: dict[str, dict[str, str]] = {}
-    tree = ast.parse(inspect.getsource(_schema))
-    for node in tree.body:
-        if not isinstance(node, ast.ClassDef):
-            continue
-        docs = by_class.setdefault(node.name, {})
-        for prev, cur in zip(node.body, node.body[1:]):
-            if (isinstance(prev, ast.AnnAssign) and isinstance(prev.target, ast.Name)
-                    and isinstance(cur, ast.Expr) and isinstance(cur.value, ast.Constant)
-                    and isinstance(cur.value.value, str)):
-                docs[prev.target.id] = " ".join(cur.value.value.split())
-    return {name: by_class.get(owner.__name__, {}).get(f.name, "") for name, f, owner in _fields()}
+def _field_docs(schema: type = JobConfig) -> dict[str, str]:
+    """Docstrings written under dataclass fields by dotted name, read from the source of the modules that define
+    the schema's classes (they are not kept at runtime)."""
+    by_class: dict[tuple[str, str], dict[str, str]] = {}
+    modules = {schema.__module__, *(owner.__module__ for _, _, owner in _fields(schema))}
+    for module in modules:
+        for node in ast.parse(inspect.getsource(sys.modules[module])).body:
+            if not isinstance(node, ast.ClassDef):
+                continue
+            docs = by_class.setdefault((module, node.name), {})
+            for prev, cur in zip(node.body, node.body[1:]):
+                if (isinstance(prev, ast.AnnAssign) and isinstance(prev.target, ast.Name)
+                        and isinstance(cur, ast.Expr) and isinstance(cur.value, ast.Constant)
+                        and isinstance(cur.value.value, str)):
+                    docs[prev.target.id] = " ".join(cur.value.value.split())
+    # A field declared in a base class is documented there.
+    def doc(owner: type, key: str) -> str:
+        return next((by_class.get((c.__module__, c.__name__), {}).get(key) for c in owner.__mro__
+                     if key in by_class.get((c.__module__, c.__name__), {})), "")
+    return {name: doc(owner, f.name) for name, f, owner in _fields(schema)}
 
 
-def _field(name: str, section: bool = False) -> dataclasses.Field:
+def _field(name: str, section: bool = False, schema: type = JobConfig) -> dataclasses.Field:
     """The schema's field at dotted `name` (a section if `section`, else a key); a ConfigError naming the closest
     valid name when there is none."""
-    cls, parts = JobConfig, name.split(".")
+    cls, parts = schema, name.split(".")
     for depth, part in enumerate(parts):
         fields = {f.name: f for f in dataclasses.fields(cls)}
         here, want_section = ".".join(parts[:depth + 1]), section or depth < len(parts) - 1
@@ -150,17 +155,17 @@ def _coerce(key: str, value, tp, from_cli: bool):
 
 
 def _set(cfg: JobConfig, name: str, value, from_cli: bool) -> None:
-    f = _field(name)
+    f = _field(name, schema=type(cfg))
     section = name.rpartition(".")[0]
     setattr(_get(cfg, section) if section else cfg, f.name, _coerce(name, value, f.type, from_cli))
 
 
-def _toml_items(table: dict, prefix: str = "") -> typing.Iterator[tuple[str, object]]:
+def _toml_items(table: dict, schema: type, prefix: str = "") -> typing.Iterator[tuple[str, object]]:
     """(dotted key, value) of every value in a TOML table, checking each [table] on the way is a section."""
     for key, value in table.items():
         if isinstance(value, dict):
-            _field(prefix + key, section=True)
-            yield from _toml_items(value, f"{prefix}{key}.")
+            _field(prefix + key, section=True, schema=schema)
+            yield from _toml_items(value, schema, f"{prefix}{key}.")
         else:
             yield prefix + key, value
 
@@ -184,17 +189,17 @@ def _parse_cli(argv: list[str]) -> list[tuple[str, str | None]]:
     return out
 
 
-def _switch(name: str) -> tuple[str, str]:
+def _switch(name: str, schema: type) -> tuple[str, str]:
     """A bare `--a.b` sets a boolean to true and `--a.no_b` (torchtitan's negation) to false; (key, raw value)."""
     section, _, key = name.rpartition(".")
     negated = f"{section}.{key[3:]}"
     if key.startswith("no_") and key[3:]:
         try:
-            if _field(negated).type is bool:
+            if _field(negated, schema=schema).type is bool:
                 return negated, "false"
         except ConfigError:
             pass
-    if _field(name).type is not bool:
+    if _field(name, schema=schema).type is not bool:
         raise ConfigError(f"--{name} needs a value")
     return name, "true"
 
@@ -247,16 +252,36 @@ def save_config(cfg: JobConfig, path: Path) -> Path:
     return path
 
 
+def _import(key: str, module: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ConfigError(f"{key} = {module!r} cannot be imported ({e}); give a dotted module name on the Python "
+                          f"path (the working directory and the repository are on it)") from None
+
+
+def _schema(experimental_import: str, custom_config_module: str) -> type:
+    """The JobConfig to read the config with: experimental.custom_import is imported first (it may register model
+    flavors), then job.custom_config_module's JobConfig, a subclass of ours that adds sections or keys."""
+    if experimental_import:
+        _import("experimental.custom_import", experimental_import)
+    if not custom_config_module:
+        return JobConfig
+    schema = getattr(_import("job.custom_config_module", custom_config_module), "JobConfig", None)
+    if not (isinstance(schema, type) and issubclass(schema, JobConfig) and dataclasses.is_dataclass(schema)):
+        raise ConfigError(f"job.custom_config_module = {custom_config_module!r} has no JobConfig dataclass that "
+                          f"extends trainer.config.JobConfig; define `@dataclass class JobConfig(JobConfig)` there")
+    return schema
+
+
 def load_config(argv: list[str] | None = None) -> JobConfig:
     """Defaults, then the TOML file, then the CLI overrides; validated. Raises ConfigError on bad input."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    overrides = [(name, raw) if raw is not None else _switch(name) for name, raw in _parse_cli(argv)]
-    cfg, explicit = JobConfig(), set()
-    for name, raw in overrides:
-        if name == "job.config_file":
-            _set(cfg, name, raw, from_cli=True)
-    if cfg.job.config_file:
-        path = Path(cfg.job.config_file)
+    parsed = _parse_cli(argv)
+    given = dict(parsed)  # the last value of each flag given on the command line
+    config_file, data = given.get("job.config_file"), {}
+    if config_file:
+        path = Path(config_file)
         if not path.is_file():
             raise ConfigError(f"job.config_file = {str(path)!r}: no such file; give the path of a TOML file")
         try:
@@ -267,10 +292,19 @@ def load_config(argv: list[str] | None = None) -> JobConfig:
         for section, table in data.items():
             if not isinstance(table, dict):
                 raise ConfigError(f"{path}: top-level key {section!r} must be a [section]{_suggest(section, sections)}")
-        for name, value in _toml_items(data):
-            if name != "job.config_file":
-                _set(cfg, name, value, from_cli=False)
-                explicit.add(name)
+    # Modules that extend the schema are named on the command line or in the file, and read before either.
+    from_file = {f"{section}.{key}": value for section in ("job", "experimental")
+                 for key, value in data.get(section, {}).items()}
+    schema = _schema(*(given.get(key) or from_file.get(key) or ""
+                       for key in ("experimental.custom_import", "job.custom_config_module")))
+    overrides = [(name, raw) if raw is not None else _switch(name, schema) for name, raw in parsed]
+    cfg, explicit = schema(), set()
+    if config_file:
+        _set(cfg, "job.config_file", config_file, from_cli=True)
+    for name, value in _toml_items(data, schema):
+        if name != "job.config_file":
+            _set(cfg, name, value, from_cli=False)
+            explicit.add(name)
     for name, raw in overrides:
         if name != "job.config_file":
             _set(cfg, name, raw, from_cli=True)

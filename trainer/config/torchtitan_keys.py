@@ -57,7 +57,7 @@ _GROUPED = "grouped-matmul converters for mixture-of-experts layers; llama3 has 
 TORCHTITAN_KEYS: dict[str, KeyStatus] = {
     **_implemented("job", "config_file", "dump_folder", "description", "print_config"),
     "job.save_config_file": _IMPLEMENTED,
-    "job.custom_config_module": _planned(""),
+    "job.custom_config_module": _IMPLEMENTED,
     **_implemented("profiling", "enable_profiling", "save_traces_folder", "profile_freq", "profiler_active",
                    "profiler_warmup", "enable_memory_snapshot", "save_memory_snapshot_folder"),
     **_implemented("metrics", "log_freq", "enable_tensorboard", "disable_color_printing", "save_tb_folder",
@@ -131,7 +131,7 @@ TORCHTITAN_KEYS: dict[str, KeyStatus] = {
     **{f"fault_tolerance.{key}": _read_only_by("never", "fault_tolerance.enable; " + NO_FT)
        for key in ("process_group", "process_group_timeout_ms", "replica_id", "group_size", "min_replica_size",
                    "semi_sync_method")},
-    "experimental.custom_import": _planned(""),
+    "experimental.custom_import": _IMPLEMENTED,
     "experimental.custom_args_module": _planned("", why="the former name of job.custom_config_module, " + NOT_YET),
     **_implemented("validation", "enable", "dataset", "dataset_path", "local_batch_size", "seq_len", "freq",
                    "steps"),

@@ -1,11 +1,16 @@
 """build_dataloader: the dataset of one dp rank in a StatefulDataLoader, so its position is saved with checkpoints."""
 
 import copy
+import warnings
 
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from trainer.data.datasets import build_dataset
 from trainer.data.tokenizer import Tokenizer
+
+# torchdata 0.11 calls torch.set_vital on every iteration, which torch 2.13 deprecates: its warning, not ours.
+warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning,
+                        module="torchdata.stateful_dataloader")
 
 
 def build_dataloader(dataset: str, dataset_path: str | None, tokenizer: Tokenizer | None, seq_len: int,

@@ -134,6 +134,11 @@ FLAVORS: dict[str, dict[str, ModelArgs]] = {
 }
 
 
+def register_flavor(name: str, flavor: str, args: ModelArgs) -> None:
+    """Add a flavor (e.g. from a module named by experimental.custom_import); a new name adds a model family."""
+    FLAVORS.setdefault(name, {})[flavor] = args
+
+
 def get_model_args(name: str, flavor: str) -> ModelArgs:
     """A fresh copy of the args of model `name` (e.g. "llama3") in size `flavor` (e.g. "8B")."""
     if name not in FLAVORS:
