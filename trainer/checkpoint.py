@@ -186,8 +186,12 @@ class Checkpointer:
                 raise ConfigError(f"checkpoint {path} has no {part} state (a model-only save?); start from it with "
                                   f"checkpoint.initial_load_path and initial_load_model_only = true, or add "
                                   f"{part} to checkpoint.exclude_from_loading")
-        # first: it creates the optimizer state
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=OPTIONS)
+        if "optimizer" in parts:  # first: it creates the optimizer state that the load then fills in
+            model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=OPTIONS)
+        else:
+            # get_state_dict would create the optimizer state with a zero-gradient step, which leaves Adam's step
+            # count at 1: the first real step would then be bias-corrected as the second.
+            model_sd, optim_sd = get_model_state_dict(self.model), None
         check_model_fits(path, saved, {name: value.shape for name, value in model_sd.items()}, self.model_name,
                          partial=self.pipelined)
 

@@ -71,9 +71,8 @@ def test_nested_tables_and_flags(tmp_path):
     assert cfg.training.steps == 7 and cfg.training.dataloader.num_workers == 0
     assert cfg.quantize.linear.float8.filter_fqns == ["output", "layers.0"]  # CLI over TOML, one level deeper
     assert cfg.quantize.linear.float8.emulate is False and cfg.quantize.linear.mx.recipe_name == "x"
-    # a bare nested switch sets it; pin_memory is refused until the dataloader implements it
-    with pytest.raises(ConfigError, match=r"^validation.dataloader.pin_memory = true: not implemented yet"):
-        load_config(["--validation.dataloader.pin_memory"])
+    # a bare nested switch sets it
+    assert load_config(["--validation.dataloader.pin_memory"]).validation.dataloader.pin_memory is True
     text = help_text()
     assert "[training.dataloader]" in text and "--training.dataloader.num_workers (int, default 0)" in text
 

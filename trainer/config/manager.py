@@ -280,6 +280,8 @@ def load_config(argv: list[str] | None = None) -> JobConfig:
     parsed = _parse_cli(argv)
     given = dict(parsed)  # the last value of each flag given on the command line
     config_file, data = given.get("job.config_file"), {}
+    if config_file is not None:
+        config_file = _coerce("job.config_file", config_file, _field("job.config_file").type, from_cli=True)
     if config_file:
         path = Path(config_file)
         if not path.is_file():
