@@ -5,9 +5,9 @@
 
 Pool mode is what makes the distributed suite fast: a launch, the imports and the process group cost seconds per
 rank, a debug-model job a second or two, so each world size is launched once per test session. Protocol (see
-pool.py): the client writes DIR/job-K.json ({"job", "out", "argv", "env"} or {"stop": true}) for K = 0, 1, ...; rank 0
-waits for it and broadcasts it; every rank runs it with its stdout/stderr in DIR/job-K.rankR.{out,err}; rank 0
-gathers the exit codes and writes DIR/job-K.done. A job that fails on some ranks only can leave the others in a
+pool.py): the client writes DIR/job-K.json ({"job", "out", "argv", "env"} or {"stop": true}) for K = 0, 1, ...; every
+rank waits for it, runs it with its stdout/stderr in DIR/job-K.rankR.{out,err}; rank 0 gathers the exit codes and
+writes DIR/job-K.done. A job that fails on some ranks only can leave the others in a
 collective: the client's timeout then kills the whole pool, and the next job starts a fresh one.
 """
 
@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 from tests.distributed.jobs import JOBS  # noqa: E402
 from trainer.distributed import shutdown  # noqa: E402
 
-# Idle ranks wait in a broadcast for the next job: the process group's timeout bounds the idle time too.
+# A collective may wait this long: a job that hangs is killed by the client first (pool.py).
 IDLE_LIMIT = timedelta(hours=2)
 
 
@@ -55,15 +55,12 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def _next_job(folder: Path, index: int) -> dict:
-    """Rank 0 waits for job `index` and shares it with every rank."""
-    box = [None]
-    if dist.get_rank() == 0:
-        path = folder / f"job-{index}.json"
-        while not path.exists():
-            time.sleep(0.02)
-        box[0] = json.loads(path.read_text())
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    """Wait for job `index`. Every rank polls for the file (written whole, by a rename) instead of waiting in a
+    collective: gloo polls its sockets while it waits, so idle pools would take CPU from the one at work."""
+    path = folder / f"job-{index}.json"
+    while not path.exists():
+        time.sleep(0.1)
+    return json.loads(path.read_text())
 
 
 def serve(folder: Path) -> None:
