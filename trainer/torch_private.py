@@ -133,12 +133,19 @@ def warn_tensor_cycles():
 
 
 # --- Process-group timeouts (comm.train_timeout_seconds) ---------------------------------------------------------
+def process_groups() -> list:
+    """Every process group this process created, the default one included (c10d's private `_world.pg_map`)."""
+    from torch.distributed import distributed_c10d as c10d
+
+    return list(c10d._world.pg_map)
+
+
 def set_process_group_timeouts(timeout) -> None:
     """Set the collective timeout of every process group this process belongs to (the default one, the mesh's, the
     checkpointer's and pipeline's), as torchtitan does after its first step. c10d keeps the groups in
     `_world.pg_map` and changes one's timeout with `_set_pg_timeout`; both private in torch 2.13."""
     from torch.distributed import distributed_c10d as c10d
 
-    for group in list(c10d._world.pg_map):
+    for group in process_groups():
         if not c10d._rank_not_in_group(group):
             c10d._set_pg_timeout(timeout, group)

@@ -2,10 +2,12 @@
 
 `WorkerPool.run(ranks, job, out, argv)` hands a job to the pool of that size, starting it on first use, and returns
 a CompletedProcess-like JobResult with every rank's stdout (in rank order; with LOG_RANK=0 only rank 0 prints) and
-stderr. Pools of other sizes are closed when
+stderr. Between its jobs a pool is paused (SIGSTOP): gloo's threads wake up even in an idle process group, and on
+2 cores fifteen idle ranks would take a third of a core from the pool at work. Pools of other sizes are closed when
 the ranks alive would exceed MAX_RANKS (memory: a worker holds torch, datasets and a model's worth of allocator
-caches). A job that does not finish in time, or a pool that died, is reported with its logs, and the pool is killed
-so that the next job starts a fresh one.
+caches), and a pool is restarted after MAX_JOBS jobs, which leave threads behind. A job that does not finish in
+time, or a pool that died, is reported with its logs, and the pool is killed so that the next job starts a fresh
+one.
 """
 
 import json
@@ -20,6 +22,7 @@ from pathlib import Path
 from tests.distributed.launch import ROOT, rank_env
 
 MAX_RANKS = 16
+MAX_JOBS = 25
 
 
 @dataclass
@@ -40,10 +43,33 @@ class _Pool:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
+    def _signal(self, sig: int) -> None:
+        """Send `sig` to the torchrun agent's process group and to each rank's (torchrun starts every rank in a
+        session of its own, which also holds what the rank started)."""
+        if not self.alive():
+            return
+        ranks = [pid for pid in map(int, filter(str.isdigit, os.listdir("/proc"))) if _parent(pid) == self.proc.pid]
+        for group in (self.proc.pid, *ranks):
+            try:
+                os.killpg(group, sig)
+            except ProcessLookupError:
+                pass
+
+    def pause(self, paused: bool) -> None:
+        """Stop (or continue) every process of the pool."""
+        self._signal(signal.SIGSTOP if paused else signal.SIGCONT)
+
     def kill(self) -> None:
-        if self.alive():
-            os.killpg(self.proc.pid, signal.SIGKILL)
+        self._signal(signal.SIGKILL)
         self.proc.wait()
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 class WorkerPool:
@@ -73,8 +99,12 @@ class WorkerPool:
         """Run `job` (a name in jobs.JOBS) on `ranks` ranks, with `env` added to the environment for its duration;
         rank 0 writes its result to `out`."""
         pool = self.pools.get(ranks)
+        if pool is not None and pool.next_job >= MAX_JOBS:
+            self.close_pool(ranks)
+            pool = None
         if pool is None or not pool.alive():
             pool = self.pools[ranks] = self._start(ranks)
+        pool.pause(False)
         index, pool.next_job = pool.next_job, pool.next_job + 1
         job_file = pool.folder / f"job-{index}.json"
         tmp = job_file.with_suffix(".tmp")
@@ -90,6 +120,7 @@ class WorkerPool:
         stderr = "".join(f"[rank {r}] {line}\n" for r in range(ranks)
                          for line in text[pool.folder / f"job-{index}.rank{r}.err"].splitlines())
         if done.exists():
+            pool.pause(True)
             codes = json.loads(done.read_text())["codes"]
             return JobResult(next((c for c in codes if c), 0), stdout, stderr)
         why = "timed out" if pool.alive() else f"pool died (exit {pool.proc.returncode})"
@@ -101,6 +132,7 @@ class WorkerPool:
 
     def close_pool(self, ranks: int) -> None:
         pool = self.pools.pop(ranks)
+        pool.pause(False)
         if pool.alive():
             stop = pool.folder / f"job-{pool.next_job}.json"
             stop.with_suffix(".tmp").write_text(json.dumps({"stop": True}))

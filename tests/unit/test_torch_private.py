@@ -65,3 +65,11 @@ def test_tensor_cycle_warnings_for_gc_debug():
 
     assert callable(getattr(_cycles, "warn_tensor_cycles", None)), \
         "torch.utils.viz._cycles.warn_tensor_cycles is gone: update warn_tensor_cycles (training.gc_debug)"
+
+
+def test_process_group_registry():
+    from torch.distributed import distributed_c10d as c10d
+
+    assert isinstance(getattr(c10d._world, "pg_map", None), dict), "c10d._world.pg_map is gone: update process_groups"
+    assert callable(getattr(c10d, "_set_pg_timeout", None)), "c10d._set_pg_timeout is gone: update " \
+                                                             "set_process_group_timeouts"
