@@ -5,7 +5,7 @@ a CompletedProcess-like JobResult with every rank's stdout (in rank order; with 
 stderr. Between its jobs a pool is paused (SIGSTOP): gloo's threads wake up even in an idle process group, and on
 2 cores fifteen idle ranks would take a third of a core from the pool at work. Pools of other sizes are closed when
 the ranks alive would exceed MAX_RANKS (memory: a worker holds torch, datasets and a model's worth of allocator
-caches), and a pool is restarted after MAX_JOBS jobs, which leave threads behind. A job that does not finish in
+caches), and a pool is restarted after MAX_JOBS jobs, whose process groups (cached by DeviceMesh) accumulate. A job that does not finish in
 time, or a pool that died, is reported with its logs, and the pool is killed so that the next job starts a fresh
 one.
 """

@@ -29,7 +29,6 @@ sys.path.insert(0, str(ROOT))
 
 from tests.distributed.jobs import JOBS  # noqa: E402
 from trainer.distributed import shutdown  # noqa: E402
-from trainer.torch_private import process_groups  # noqa: E402
 
 # A collective may wait this long: a job that hangs is killed by the client first (pool.py).
 IDLE_LIMIT = timedelta(hours=2)
@@ -79,13 +78,11 @@ def serve(folder: Path) -> None:
         os.environ.update(saved_env)
         codes = [None] * dist.get_world_size()
         dist.all_gather_object(codes, code)
-        # What one job leaves behind must not reach the next: compiled graphs, deterministic mode, garbage, and the
-        # process groups of its meshes (each gloo group keeps threads that wake up even while idle).
+        # What one job leaves behind must not reach the next: compiled graphs, deterministic mode, garbage. (Its
+        # process groups stay: DeviceMesh caches them for the meshes of later jobs; pool.py restarts a pool after
+        # MAX_JOBS jobs instead.)
         torch.compiler.reset()
         torch.use_deterministic_algorithms(False)
-        for group in process_groups():
-            if group is not dist.group.WORLD:
-                dist.destroy_process_group(group)
         gc.collect()
         if rank == 0:
             _write_atomic(folder / f"job-{index}.done", json.dumps({"codes": codes}))
