@@ -13,12 +13,14 @@ A job runs inside a process group that is already up, either in a pooled worker 
                  saw and whether it left the RNG and train mode alone; --dcp DIR saves the final model there
     mesh         the DeviceMesh of a layout, checked against rank arithmetic
     cli          trainer.train.run, as `python -m trainer.train` runs it
+    generate     scripts/generate.py's run, as the script runs it (its output on rank 0's stdout)
 """
 
 import json
 import os
 import signal
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -31,6 +33,8 @@ from trainer import train as train_module
 from trainer.config import load_config
 from trainer.parallel_dims import ParallelDims
 from trainer.train import LoopObserver, Trainer
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def full_state(trainer: Trainer) -> dict[str, torch.Tensor]:
@@ -196,4 +200,16 @@ def cli(out: str, argv: list[str]) -> int:
     return train_module.run(argv)
 
 
-JOBS = {"steps": steps, "train": train, "validation": validation, "mesh": mesh, "cli": cli}
+def generate(out: str, argv: list[str]) -> int:
+    """scripts/generate.py with `argv`, as its main runs it (without ending the process); `out` is unused."""
+    import importlib.util
+
+    from trainer.distributed import init_distributed
+
+    spec = importlib.util.spec_from_file_location("generate_script", ROOT / "scripts/generate.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script.run(script.parse_args(argv), init_distributed())
+
+
+JOBS = {"steps": steps, "train": train, "validation": validation, "mesh": mesh, "cli": cli, "generate": generate}

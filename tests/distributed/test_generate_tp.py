@@ -8,8 +8,7 @@ import json
 import pytest
 import torch
 
-from tests.distributed.launch import ROOT, torchrun
-from tests.unit.test_generation import TOKENIZER, _run_script, save_hf_llama
+from tests.unit.test_generation import TOKENIZER, save_hf_llama
 from trainer.data.tokenizer import Tokenizer
 from trainer.models.hf import from_hf_state_dict, load_hf_checkpoint
 from trainer.models.llama import ModelArgs, get_model_args
@@ -69,14 +68,14 @@ def references(tmp_path_factory):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_tp_generation_matches_one_process_and_transformers(case, references):
+def test_tp_generation_matches_one_process_and_transformers(case, references, pool, tmp_path):
     model, fmt, extra = CASES[case]
     ref = references(model)
     args = ["--checkpoint", str(ref[fmt]), "--tokenizer", str(TOKENIZER), "--prompt", PROMPT,
             "--max-new-tokens", str(NEW_TOKENS), "--json", *extra]
-    one = _run_script(args)
+    one = pool.run(1, "generate", tmp_path / "unused", args)  # one process (in a process group of one)
     assert one.returncode == 0, one.stderr
-    two = torchrun(2, str(ROOT / "scripts/generate.py"), ["--tp", "2", *args])
+    two = pool.run(2, "generate", tmp_path / "unused", ["--tp", "2", *args])
     assert two.returncode == 0, f"{two.stdout[-3000:]}\n{two.stderr[-6000:]}"
     lines = two.stdout.strip().splitlines()
     assert len(lines) == 1, two.stdout  # only rank 0 prints

@@ -161,6 +161,21 @@ def _run_in_process(ngpu, args, tmp_path, toml, monkeypatch, capsys) -> tuple[in
     return exit_info.value.code, out.out, out.err
 
 
+def _dry_run(ngpu, args, monkeypatch, capsys) -> subprocess.CompletedProcess:
+    """trainer.dry_run.main in this process, as `DRY_RUN=1 NGPU=ngpu ./run_train.sh args` runs it."""
+    from trainer.dry_run import main
+
+    monkeypatch.setenv("NGPU", str(ngpu))
+    monkeypatch.chdir(ROOT)
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+
 def _assert_one_line(code, out, err, expected):
     assert code == 2, out + err
     lines = err.strip().splitlines()
@@ -205,31 +220,31 @@ def test_async_tensor_parallel_refused_on_cpu(entry, tmp_path):
     assert "enable_async_tensor_parallel = true needs CUDA" in lines[0] and "on cpu" in lines[0]
 
 
-def test_dry_run_plans_for_cuda_unless_told_cpu(tmp_path):
+def test_dry_run_plans_for_cuda_unless_told_cpu(monkeypatch, capsys):
     # DRY_RUN checks a config for NGPU ranks of a CUDA machine by default, so a CUDA-only feature is not refused on
     # a laptop; --device cpu checks it for CPU ranks, where it is.
     args = ["--parallelism.tensor_parallel_degree", "2", "--parallelism.enable_async_tensor_parallel",
             "--compile.enable"]
-    proc = _run(2, args, tmp_path, None)
+    proc = _dry_run(2, args, monkeypatch, capsys)
     assert proc.returncode == 0 and "dry run OK" in proc.stdout, proc.stderr
-    proc = _run(2, [*args, "--device", "cpu"], tmp_path, None)
+    proc = _dry_run(2, [*args, "--device", "cpu"], monkeypatch, capsys)
     _assert_one_line(proc.returncode, proc.stdout, proc.stderr, [])
     assert "on cpu" in proc.stderr.lower(), proc.stderr
 
 
-def test_valid_configs_pass_dry_run(tmp_path):
+def test_valid_configs_pass_dry_run(monkeypatch, capsys):
     # Each shipped config is valid, as written, for the NGPU it is written for.
     for config, ngpu in (("configs/debug_model.toml", 1), ("configs/llama3_8b.toml", 8),
                          ("configs/smollm_1.7b.toml", 8), ("configs/smollm_1.7b_3d.toml", 8),
                          ("configs/cpu_3d.toml", 8)):
-        proc = _run(ngpu, ["--job.config_file", config], tmp_path, None)
+        proc = _dry_run(ngpu, ["--job.config_file", config], monkeypatch, capsys)
         assert proc.returncode == 0 and "dry run OK" in proc.stdout, (config, proc.stderr)
 
 
-def test_dry_run_memory_uses_the_dtype_of_the_planned_device(tmp_path):
+def test_dry_run_memory_uses_the_dtype_of_the_planned_device(monkeypatch, capsys):
     # mixed_precision_param = auto is bf16 on CUDA and fp32 on CPU: the activation estimate follows, and says so.
     args = ["--job.config_file", "configs/llama3_8b.toml", "--training.mixed_precision_param", "auto"]
-    reports = {device: _run(8, [*args, "--device", device], tmp_path, None) for device in ("cuda", "cpu")}
+    reports = {device: _dry_run(8, [*args, "--device", device], monkeypatch, capsys) for device in ("cuda", "cpu")}
     for device, dtype in (("cuda", "bfloat16"), ("cpu", "float32")):
         proc = reports[device]
         assert proc.returncode == 0, proc.stderr
