@@ -2,9 +2,10 @@
 trains. The Trainer, DRY_RUN, scripts/generate.py and the tests all call these, so a layout is planned, checked and
 built the same way wherever it is.
 
-The model is built as picotron and torchtitan build it: the whole Transformer on the meta device, cut into this
-rank's pipeline stages, each parallelized from the outside (TP -> CP -> AC -> compile -> FSDP, see
-`trainer.parallel.parallelize`), then materialized shard by shard with weights that depend only on (seed, name).
+The model is built as picotron and torchtitan build it: the whole Transformer on the meta device, converted
+(model.converters, e.g. float8 linears: trainer/converters.py), cut into this rank's pipeline stages, each
+parallelized from the outside (TP -> CP -> AC -> compile -> FSDP, see `trainer.parallel.parallelize`), then
+materialized shard by shard with weights that depend only on (seed, name).
 """
 
 import contextlib
@@ -17,6 +18,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from trainer.config import ConfigError, JobConfig
+from trainer.converters import check_converters, check_hardware, convert, post_optimizer_hook
 from trainer.data.datasets import DATASET_NAMES
 from trainer.data.tokenizer import Tokenizer
 from trainer.models.llama import ModelArgs, Transformer, get_model_args
@@ -113,6 +115,7 @@ def plan_run(cfg: JobConfig, world_size: int, device_type: str) -> RunPlan:
     model_args = model_args_for(cfg)
     dims = ParallelDims.resolve(cfg.parallelism, world_size)
     dims.validate_model(model_args)
+    check_converters(cfg, dims, device_type)
     dims.check_seq_len("training.seq_len", cfg.training.seq_len)
     check_validation_layout(cfg, dims)
     accum = gradient_accumulation_steps(cfg, dims.dp)
@@ -154,12 +157,15 @@ class ModelParts:
     `parts`: one module per pipeline stage this rank runs (a single module without PP); `pipeline`: the schedule
     that drives them, or None. `batch_context(inputs, labels)` is the context a batch's forward, loss and backward
     run in (context parallel's sharding of the batch and the RoPE tables, loss parallel); `autocast` wraps the
-    forward when no FSDP MixedPrecisionPolicy casts the parameters.
+    forward when no FSDP MixedPrecisionPolicy casts the parameters; `post_optimizer_hook(parts)`, when a model
+    converter has one, runs after every optimizer step (`after_optimizer_step`).
     """
 
     def __init__(self, parts: list[nn.Module], pipeline: Pipeline | None, dims: ParallelDims,
-                 autocast: contextlib.AbstractContextManager):
+                 autocast: contextlib.AbstractContextManager,
+                 post_optimizer_hook: Callable[[list[nn.Module]], None] | None = None):
         self.parts, self.pipeline, self.dims, self.autocast = parts, pipeline, dims, autocast
+        self._post_optimizer_hook = post_optimizer_hook
         self._cp_mesh = dims.optional_mesh("cp")
 
     @property
@@ -182,19 +188,27 @@ class ModelParts:
         for part in self.parts:
             part.train(mode)
 
+    def after_optimizer_step(self) -> None:
+        """Call right after each optimizer step (float8: precompute the weights' scales for the next all-gather)."""
+        if self._post_optimizer_hook is not None:
+            self._post_optimizer_hook(self.parts)
+
 
 def build_model(plan: RunPlan, device: torch.device,
                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
                 init: bool = True) -> ModelParts:
-    """This rank's model: built on meta, cut into its pipeline stages, parallelized, and (with `init`) materialized
-    on `device` with the run's seed. The mesh must be built (plan.dims.build_mesh) when the world has several ranks.
+    """This rank's model: built on meta, converted (model.converters), cut into its pipeline stages, parallelized,
+    and (with `init`) materialized on `device` with the run's seed. The mesh must be built (plan.dims.build_mesh) when the world has several ranks.
 
     `loss_fn(logits, labels)`: the loss of one local batch, which the pipeline schedule calls on the last stage.
     init=False leaves the weights on meta (DRY_RUN counts them without allocating).
     """
     dims, cfg = plan.dims, plan.cfg
+    if init:
+        check_hardware(cfg, device)
     with torch.device("meta"):
         model = Transformer(plan.model_args)
+    convert(model, cfg, dims)  # e.g. float8 linears: on the whole model, before any split or sharding
 
     def parallelize_part(part: nn.Module) -> nn.Module:
         return parallelize(part, dims, cfg, plan.param_dtype, plan.device_type)
@@ -213,7 +227,7 @@ def build_model(plan: RunPlan, device: torch.device,
     # Without FSDP there is no MixedPrecisionPolicy to cast parameters, so autocast does it.
     autocast = (torch.autocast(device.type, dtype=plan.param_dtype)
                 if plan.param_dtype != torch.float32 and not dims.fsdp_enabled else contextlib.nullcontext())
-    return ModelParts(parts, pipeline, dims, autocast)
+    return ModelParts(parts, pipeline, dims, autocast, post_optimizer_hook(cfg, dims))
 
 
 def build_inference_model(args: ModelArgs, device: torch.device | str,

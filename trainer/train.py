@@ -36,11 +36,12 @@ def cross_entropy_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
 
 
 def feature_summary(cfg: JobConfig) -> str:
-    """Activation checkpointing and compile settings for the start-up line."""
+    """Activation checkpointing, compile and model converter settings for the start-up line."""
     ac, c = cfg.activation_checkpoint, cfg.compile
     ac_text = f"selective {ac.selective_ac_option}" if ac.mode == "selective" else ac.mode
     compile_text = f"{'+'.join(c.components)} ({c.backend})" if c.enable and c.components else "off"
-    return f"activation checkpointing {ac_text} | compile {compile_text}"
+    converters = f" | converters {', '.join(cfg.model.converters)}" if cfg.model.converters else ""
+    return f"activation checkpointing {ac_text} | compile {compile_text}{converters}"
 
 
 @dataclass
@@ -196,6 +197,7 @@ class Trainer:
                                     pp_group=pipeline.group if pipeline else None,
                                     norm_skip=pipeline.norm_skip if pipeline else ())
         self.optimizer.step()
+        self.model.after_optimizer_step()  # float8 with FSDP: the next all-gather's weight scales, all at once
         self.lr_scheduler.step()
         self.state.step += 1
         self.state.tokens_seen += self.plan.tokens_per_step

@@ -117,6 +117,17 @@ CASES = [  # (name, NGPU, toml text or None, CLI args, substrings the one-line e
     ("HF initial_load_path without config.json", 1, None,
      ["--checkpoint.enable", "--checkpoint.initial_load_in_hf", "--checkpoint.initial_load_path", "/nonexistent/hf",
       "--job.dump_folder", "/nonexistent/run"], ["no config.json there", "HF model folder"]),
+    ("unknown converter", 1, None, ["--model.converters", "int8"],
+     ["model.converters = ['int8']", "'int8' is not a converter", "quantize.linear.float8, quantize.linear.mx"]),
+    ("float8 on CPU without emulate", 1, None, ["--device", "cpu", "--model.converters", "float8"],
+     ["model.converters = ['float8']", "compute capability 8.9+", "on cpu", "quantize.linear.float8.emulate = true"]),
+    ("MX on CPU", 1, None, ["--device", "cpu", "--model.converters", "quantize.linear.mx"],
+     ["MX training needs an NVIDIA GPU of compute capability 10.x (e.g. B200)", "on cpu"]),
+    ("float8 recipe with float8 all-gather", 1, "[quantize.linear.float8]\nrecipe_name = \"rowwise\"\n"
+     "enable_fsdp_float8_all_gather = true\n", ["--model.converters", "float8"],
+     ["recipe_name = 'rowwise' with enable_fsdp_float8_all_gather = true", "unset one of them"]),
+    ("unknown float8 recipe", 1, None, ["--model.converters", "float8", "--quantize.linear.float8.recipe_name", "row"],
+     ["quantize.linear.float8.recipe_name = 'row'", "tensorwise, rowwise, rowwise_with_gw_hp"]),
     ("bad AC mode", 1, None, ["--activation_checkpoint.mode", "partial"],
      ["activation_checkpoint.mode = 'partial'", "selective"]),
     ("bad selective AC option", 1, None, ["--activation_checkpoint.selective_ac_option", "x"],
@@ -260,3 +271,29 @@ def test_gpu_only_features_pass_dry_run_on_cpu(tmp_path):
                 tmp_path, None)
     assert proc.returncode == 0 and "dry run OK" in proc.stdout, proc.stderr
     assert "warning" not in proc.stdout + proc.stderr
+
+
+FLOAT8_TOML = """[model]
+converters = ["float8"]
+
+[quantize.linear.float8]
+enable_fsdp_float8_all_gather = true
+precompute_float8_dynamic_scale_for_fsdp = true
+filter_fqns = ["output"]
+"""
+
+
+@pytest.mark.parametrize("extra", [[], ["--parallelism.tensor_parallel_degree", "2"]], ids=["fsdp", "fsdp x tp"])
+def test_float8_config_passes_dry_run_for_cuda(extra, tmp_path, monkeypatch, capsys):
+    # torchtitan's llama3_405b.toml float8 settings (under the older name "float8"), planned for 8 GPUs: the model is
+    # converted and sharded on the meta device, with torchao's float8 tensor-parallel styles under tp.
+    pytest.importorskip("torchao.float8")
+    proc = _dry_run(8, [*_args([], tmp_path, FLOAT8_TOML), *extra], monkeypatch, capsys)
+    assert proc.returncode == 0 and "dry run OK" in proc.stdout, proc.stderr
+    assert "converters = ['float8']" in proc.stdout and "enable_fsdp_float8_all_gather = True" in proc.stdout
+
+
+def test_mx_passes_dry_run_for_cuda(monkeypatch, capsys):
+    # The hardware it needs is checked where the run starts; DRY_RUN plans for CUDA anywhere.
+    proc = _dry_run(8, ["--model.converters", "quantize.linear.mx"], monkeypatch, capsys)
+    assert proc.returncode == 0 and "dry run OK" in proc.stdout, proc.stderr

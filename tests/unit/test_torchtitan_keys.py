@@ -201,3 +201,20 @@ def test_tokenizer_path_is_hf_assets_path():
 def test_memory_budget_mode_is_refused_by_name():
     with pytest.raises(ConfigError, match="activation_checkpoint.mode = 'memory_budget': not implemented yet"):
         load_config(["--activation_checkpoint.mode", "memory_budget"])
+
+
+def test_converter_keys_are_implemented_or_refused_where_they_run():
+    # float8 is implemented (trainer/converters.py); MX is known but refused when a run starts, so its keys are
+    # accepted at any value and --help says who reads them.
+    float8 = [k for k in TORCHTITAN_KEYS if k.startswith("quantize.linear.float8.")]
+    assert len(float8) == 5
+    for key in ["model.converters", "model.print_after_conversion", *float8]:
+        assert TORCHTITAN_KEYS[key].status == "implemented", key
+    for key in (k for k in TORCHTITAN_KEYS if k.startswith("quantize.linear.mx.")):
+        s = TORCHTITAN_KEYS[key]
+        assert s.status == "planned" and s.accepted is None and "compute capability 10.x" in s.why, key
+    cfg = load_config(["--model.converters", "float8", "--model.print_after_conversion",
+                       "--quantize.linear.float8.recipe_name", "rowwise"])
+    assert cfg.model.converters == ["float8"] and cfg.quantize.linear.float8.recipe_name == "rowwise"
+    assert load_config(["--model.converters", '["quantize.linear.float8"]']).model.converters == [
+        "quantize.linear.float8"]

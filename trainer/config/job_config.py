@@ -39,11 +39,12 @@ class Model:
     tokenizer_path: str | None = None
     """Former name of hf_assets_path, which torchtitan deprecated: when set, it is used as hf_assets_path."""
     converters: list[str] = field(default_factory=list)
-    """Module swaps applied to the built model, by registered name; torchtitan v0.2.2 has quantize.linear.float8,
-    quantize.linear.mx and their grouped_mm variants (low-precision training of nn.Linear through torchao, set up
-    in [quantize.*]). Empty keeps plain nn.Linear."""
+    """Module swaps applied to the whole model before it is parallelized, by name: quantize.linear.float8 (float8
+    training of nn.Linear through torchao, set up in [quantize.linear.float8]; "float8" is its older name; needs
+    pip install -e .[float8]) or quantize.linear.mx (MX-FP8: needs a GPU of compute capability 10.x, refused when a
+    run starts). Empty keeps plain nn.Linear."""
     print_after_conversion: bool = False
-    """Print the model's module tree once the converters have run."""
+    """Print the model's module tree (rank 0) once the converters have run."""
 
 
 @dataclass
@@ -374,10 +375,12 @@ class Float8Linear:
     recipe_name: str | None = None
     """Scaling recipe: tensorwise, rowwise or rowwise_with_gw_hp; unset builds tensorwise from the keys above."""
     filter_fqns: list[str] = field(default_factory=list)
-    """Linear modules to keep in high precision, by name (e.g. output); layers with a dimension that is not a
-    multiple of 16 always are."""
+    """Linear modules to keep in high precision: those whose name contains an entry (e.g. output); layers with a
+    dimension that is not a multiple of 16 always are. The entry auto_filter_small_kn also lets torchao skip
+    layers too small to gain from float8."""
     emulate: bool = False
-    """Emulate the float8 matmuls in higher precision, to test on hardware without float8 (not with compile)."""
+    """Emulate the float8 matmuls in the parameter dtype on float8-rounded values, to test on hardware without
+    float8 (needed on CPU and on GPUs below compute capability 8.9)."""
 
 
 @dataclass

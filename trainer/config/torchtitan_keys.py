@@ -48,8 +48,8 @@ def _dataloader(section: str) -> dict[str, KeyStatus]:
     return _implemented(f"{section}.dataloader", "num_workers", "persistent_workers", "pin_memory", "prefetch_factor")
 
 
-_FLOAT8 = "model.converters = [\"quantize.linear.float8\"], " + NOT_YET
-_MX = "model.converters = [\"quantize.linear.mx\"], " + NOT_YET
+_MX = ("model.converters = [\"quantize.linear.mx\"], which is refused when a run starts (it needs a GPU of compute "
+       "capability 10.x, and torchao 0.18 lacks the MXLinearConfig API these keys configure)")
 _GROUPED = "grouped-matmul converters for mixture-of-experts layers; llama3 has none"
 
 # Every key of torchtitan v0.2.2's JobConfig, in its order. validate() refuses a planned or never key set to a value
@@ -64,8 +64,7 @@ TORCHTITAN_KEYS: dict[str, KeyStatus] = {
                    "save_for_all_ranks"),
     "metrics.enable_wandb": _IMPLEMENTED,
     **_implemented("model", "name", "flavor", "hf_assets_path", "tokenizer_path"),
-    "model.converters": _planned([]),
-    "model.print_after_conversion": _planned(False),
+    **_implemented("model", "converters", "print_after_conversion"),
     **_implemented("optimizer", "name", "lr", "beta1", "beta2", "eps", "weight_decay", "implementation"),
     "optimizer.early_step_in_backward": _planned(False),
     "lr_scheduler.warmup_steps": _IMPLEMENTED,
@@ -112,9 +111,8 @@ TORCHTITAN_KEYS: dict[str, KeyStatus] = {
     "activation_checkpoint.determinism_check": _planned("default"),
     "activation_checkpoint.debug": _planned(False),
     **_implemented("compile", "enable", "components", "backend"),
-    **{f"quantize.linear.float8.{key}": _read_only_by("planned", _FLOAT8)
-       for key in ("enable_fsdp_float8_all_gather", "precompute_float8_dynamic_scale_for_fsdp", "recipe_name",
-                   "filter_fqns", "emulate")},
+    **_implemented("quantize.linear.float8", "enable_fsdp_float8_all_gather",
+                   "precompute_float8_dynamic_scale_for_fsdp", "recipe_name", "filter_fqns", "emulate"),
     **{f"quantize.linear.mx.{key}": _read_only_by("planned", _MX)
        for key in ("mxfp8_dim1_cast_kernel_choice", "recipe_name", "filter_fqns")},
     **{key: _read_only_by("never", _GROUPED)
