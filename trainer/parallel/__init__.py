@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from trainer.config import JobConfig
+from trainer.converters import float8_tensorwise
 from trainer.parallel.activation_checkpoint import apply_activation_checkpointing
 from trainer.parallel.compile import apply_compile
 from trainer.parallel.context_parallel import apply_context_parallel
@@ -17,9 +18,10 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: JobConfig, param_dtyp
     """Apply, in torchtitan's order, TP -> CP -> activation checkpointing -> compile -> FSDP to a meta model (or
     one pipeline stage of it). `device_type` is the device the run trains on."""
     p = cfg.parallelism
-    if dims.tp > 1:
+    if dims.tp > 1:  # float8 styles need NCCL: gloo cannot all-gather float8 (see tensor_parallel.py)
         apply_tensor_parallel(model, dims.mesh("tp"), loss_parallel_enabled=dims.loss_parallel_enabled,
-                              async_tp=p.enable_async_tensor_parallel)
+                              async_tp=p.enable_async_tensor_parallel,
+                              float8=float8_tensorwise(cfg) and device_type == "cuda")
     if dims.cp > 1:
         apply_context_parallel(device_type, p.context_parallel_load_balance, p.context_parallel_rotate_method)
     ac = cfg.activation_checkpoint
