@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install the trainer and its test dependencies without replacing a working torch.
+# Install the trainer, its test dependencies and torchao (float8 training) without replacing a working torch.
 #  - torch >= 2.11 already importable (e.g. your CUDA build): kept as is.
 #  - otherwise, with an NVIDIA GPU: the newest torch from the index (CUDA build).
 #  - otherwise: torch==2.13.0, the CPU wheel on our machines (elsewhere add
@@ -14,4 +14,5 @@ elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; the
 else
   "$PYTHON" -m pip install "torch==2.13.0"
 fi
-"$PYTHON" -m pip install -e "$ROOT[test,bench]"
+# torchao (the float8 extra) has no torch requirement: it cannot replace the torch chosen above.
+"$PYTHON" -m pip install -e "$ROOT[test,bench,float8]"
