@@ -136,6 +136,8 @@ def convert(model: nn.Module, cfg: JobConfig, dims: ParallelDims) -> None:
             # torchao's recipes leave emulate off; keep the user's, so a recipe can be tried on CPU too.
             config = dataclasses.replace(float8.Float8LinearConfig.from_recipe_name(f.recipe_name), emulate=f.emulate)
             if f.recipe_name != "tensorwise":
+                import torch._inductor.config
+
                 # As torchtitan does for rowwise scaling: compiled casts round like eager ones (pytorch#150859).
                 torch._inductor.config.emulate_precision_casts = True
         float8.convert_to_float8_training(model, config=config,
