@@ -67,5 +67,9 @@ def clip_grad_norm_(params: list[nn.Parameter], max_norm: float, pp_group=None,
         total = total.sqrt()
     total = total.float()
     if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
+        # Scaling is elementwise, so it runs on each shard's local tensor: a foreach op over DTensors of mixed
+        # placements goes through DTensor's sharding propagation, which took seconds on a 3-D mesh's first step.
+        # (torch.nn.utils.clip_grads_with_norm_'s arithmetic, which needs parameters, not shards).
+        local = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in params if p.grad is not None]
+        torch._foreach_mul_(local, torch.clamp(max_norm / (total + 1e-6), max=1.0))
     return total

@@ -26,7 +26,7 @@ from trainer.optim import build_lr_scheduler, build_optimizer, clip_grad_norm_
 from trainer.parallel.compile import maybe_compile_loss
 from trainer.parallel_dims import device_type
 from trainer.profiling import maybe_profile
-from trainer.torch_private import warn_tensor_cycles
+from trainer.torch_private import shutdown_loader_workers, warn_tensor_cycles
 from trainer.validate import ValidationResult, Validator
 
 
@@ -296,6 +296,9 @@ class Trainer:
         """Release what must not wait for interpreter exit."""
         self.metrics.close()
         self.checkpointer.close()
+        for loader in (self.dataloader, self.validator and self.validator.loader):
+            if loader is not None:  # worker processes stop now, not when the garbage collector gets to them
+                shutdown_loader_workers(loader)
 
 
 def run(argv: list[str], observers: tuple[LoopObserver, ...] = ()) -> int:

@@ -1,20 +1,25 @@
-"""A torchrun-launched rank that runs test jobs (tests/distributed/jobs.py) in one gloo process group.
+"""Test ranks that run jobs (tests/distributed/jobs.py) in one gloo process group.
 
-    torchrun --nproc-per-node N worker.py --pool DIR            run job after job from DIR until told to stop
+    python worker.py --pool DIR --ranks N                  fork N ranks that run job after job from DIR until told to stop
     torchrun --nproc-per-node N worker.py --job NAME OUT ARGS   run one job, then exit with its code
 
-Pool mode is what makes the distributed suite fast: a launch, the imports and the process group cost seconds per
-rank, a debug-model job a second or two, so each world size is launched once per test session. Protocol (see
-pool.py): the client writes DIR/job-K.json ({"job", "out", "argv", "env"} or {"stop": true}) for K = 0, 1, ...; every
-rank waits for it, runs it with its stdout/stderr in DIR/job-K.rankR.{out,err}; rank 0 gathers the exit codes and
-writes DIR/job-K.done. A job that fails on some ranks only can leave the others in a
-collective: the client's timeout then kills the whole pool, and the next job starts a fresh one.
+Pool mode is what makes the distributed suite fast. Its process imports torch, the trainer and the jobs once and
+forks its N ranks (with torch.multiprocessing, as torchrun's environment would set them up: RANK, WORLD_SIZE,
+MASTER_ADDR, ...): on 2 cores, N fresh interpreters importing all that cost about 3 CPU-seconds each, which was most
+of a pool's start. Nothing in the parent starts a thread or a process group before the fork. Protocol (see pool.py):
+the client writes DIR/job-K.json ({"job", "out", "argv", "env"} or {"stop": true}) for K = 0, 1, ...; every rank
+waits for it, runs it with its stdout/stderr in DIR/job-K.rankR.{out,err}; rank 0 gathers the exit codes and writes
+DIR/job-K.done. A job that fails on some ranks only can leave the others in a collective: the client's timeout then
+kills the whole pool, and the next job starts a fresh one.
+
+The one-off mode is a real torchrun launch, for what a pool cannot run (a rank killed with -9 takes its launch down).
 """
 
 import contextlib
 import gc
 import json
 import os
+import socket
 import sys
 import time
 import traceback
@@ -23,6 +28,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -89,12 +95,36 @@ def serve(folder: Path) -> None:
         index += 1
 
 
-def main() -> None:
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pool_rank(rank: int, world_size: int, port: int, folder: Path) -> None:
+    """One forked rank of a pool: torchrun's environment for it, the process group, then jobs until told to stop."""
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "GROUP_RANK": "0", "WORLD_SIZE": str(world_size),
+                       "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     dist.init_process_group("gloo", timeout=IDLE_LIMIT)
+    serve(folder)
+    shutdown(0, clean=True)
+
+
+def _threads() -> list[str]:
+    return [Path(f"/proc/self/task/{t}/comm").read_text().strip() for t in os.listdir("/proc/self/task")]
+
+
+def main() -> None:
     if sys.argv[1] == "--pool":
-        serve(Path(sys.argv[2]))
-        shutdown(0, clean=True)
-    assert sys.argv[1] == "--job", "usage: worker.py --pool DIR | --job NAME OUT ARGS..."
+        folder, ranks = Path(sys.argv[2]), int(sys.argv[4])
+        assert sys.argv[3] == "--ranks", "usage: worker.py --pool DIR --ranks N"
+        # A fork copies only the calling thread: a lock another thread held stays locked in every rank (seen as heap
+        # corruption). pool.py turns off the threads the imports would start (pyarrow's jemalloc purger, OpenBLAS).
+        assert len(_threads()) == 1, f"the pool must fork from a single thread, but it runs {_threads()}"
+        mp.start_processes(_pool_rank, args=(ranks, _free_port(), folder), nprocs=ranks, start_method="fork")
+        return
+    assert sys.argv[1] == "--job", "usage: worker.py --pool DIR --ranks N | --job NAME OUT ARGS..."
+    dist.init_process_group("gloo", timeout=IDLE_LIMIT)
     code = run_job({"job": sys.argv[2], "out": sys.argv[3], "argv": sys.argv[4:]})
     shutdown(code, clean=code == 0)
 

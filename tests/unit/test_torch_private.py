@@ -73,3 +73,23 @@ def test_process_group_registry():
     assert isinstance(getattr(c10d._world, "pg_map", None), dict), "c10d._world.pg_map is gone: update process_groups"
     assert callable(getattr(c10d, "_set_pg_timeout", None)), "c10d._set_pg_timeout is gone: update " \
                                                              "set_process_group_timeouts"
+
+
+def test_loader_workers_stop_at_once():
+    # A StatefulDataLoader keeps its iterator (a reference cycle the garbage collector may tear down in an order
+    # that leaves the workers waiting): shutdown_loader_workers must end them while everything is alive.
+    import time
+
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    from trainer.torch_private import shutdown_loader_workers
+
+    loader = StatefulDataLoader(list(range(64)), batch_size=2, num_workers=2)
+    iterator = iter(loader)
+    next(iterator)
+    assert loader._iterator is iterator, "StatefulDataLoader no longer keeps _iterator: update shutdown_loader_workers"
+    workers = list(iterator._workers)
+    start = time.monotonic()
+    shutdown_loader_workers(loader)
+    assert not any(w.is_alive() for w in workers) and time.monotonic() - start < 2, "loader workers did not stop"
+    assert loader._iterator is None
