@@ -6,8 +6,9 @@ stderr. Between its jobs a pool is paused (SIGSTOP): gloo's threads wake up even
 2 cores fifteen idle ranks would take a third of a core from the pool at work. Pools of other sizes are closed when
 the ranks alive would exceed MAX_RANKS (memory: a worker holds torch, datasets and a model's worth of allocator
 caches), and a pool is restarted after MAX_JOBS jobs: each job's process groups stay (DeviceMesh caches them), and
-an 8-rank job was measured 0.3 s slower for each job before it in its pool, while a restart costs one import of
-torch and the trainer (the ranks are forked). A job that does not finish in time, or a pool that died, is reported
+an 8-rank job was measured 0.3 s slower for each job before it in its pool; a restart costs less (the ranks are
+forked) but empties DTensor's sharding caches, which made the first job of a 4-rank layout 8 s slower: 12 jobs
+per pool took longer than 25. A job that does not finish in time, or a pool that died, is reported
 with its logs, and the pool is killed so that the next job starts a fresh one.
 """
 
@@ -26,7 +27,7 @@ MAX_RANKS = 16
 # The pool forks its ranks after its imports, so those must leave it single-threaded: pyarrow's jemalloc starts a
 # background purging thread unless told not to (OpenBLAS's thread server stays off with OMP_NUM_THREADS=1).
 SINGLE_THREADED = {"JE_ARROW_MALLOC_CONF": "background_thread:false"}
-MAX_JOBS = 12
+MAX_JOBS = 25
 
 
 @dataclass
