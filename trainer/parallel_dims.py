@@ -1,9 +1,9 @@
 """ParallelDims: resolve the parallel degrees, check them against the world size and the model, build the mesh.
 
 One DeviceMesh with dims (pp, dp_replicate, dp_shard, cp, tp) over every rank, plus the flattened meshes the
-features use: `dp` (dp_replicate x dp_shard) for data loading, `fsdp` (dp_replicate, dp_shard x cp) for FSDP2 /
-HSDP, and `dp_cp` (dp_replicate x dp_shard x cp) over which the loss is averaged. Resolution and validation need
-no process group, so DRY_RUN can use them for any world size.
+features use: `dp` (dp_replicate x dp_shard) for data loading, `fsdp` for FSDP2 (1-D: dp_shard x cp) or HSDP
+(2-D: dp_replicate, dp_shard x cp), and `dp_cp` (dp_replicate x dp_shard x cp) over which the loss is averaged.
+Resolution and validation need no process group, so DRY_RUN can use them for any world size.
 """
 
 import math
@@ -118,8 +118,10 @@ class ParallelDims:
             "dp": flatten_mesh(world, ("dp_replicate", "dp_shard"), "dp"),
             "dp_cp": dp_cp,
             # FSDP2 treats a 2-D mesh as (replicate, shard): HSDP, or plain replication when the shard size is 1.
-            "fsdp": unflatten_mesh(dp_cp, (self.dp_replicate, self.dp_shard * self.cp),
-                                   ("dp_replicate", "dp_shard_cp")),
+            # Without replicas it gets the 1-D mesh: a 2-D one with a replicate dim of size 1 would still be run as
+            # HSDP, with a size-1 all-reduce per block in backward.
+            "fsdp": dp_cp if self.dp_replicate == 1 else unflatten_mesh(
+                dp_cp, (self.dp_replicate, self.dp_shard * self.cp), ("dp_replicate", "dp_shard_cp")),
             **{name: world[name] for name in MESH_DIMS},
         }
         return world

@@ -27,9 +27,10 @@ def test_mesh(name, pool, tmp_path):
     assert len(per_rank) == ranks
     for rank, rep_ in enumerate(per_rank):
         assert rep_["dp"]["shape"] == [ranks] and rep_["dp_cp"]["shape"] == [ranks]
-        assert rep_["fsdp"]["shape"] == [rep, shard]
+        # 1-D without replicas: FSDP2 would run a 2-D mesh as HSDP even with a replicate dim of size 1.
+        assert rep_["fsdp"]["shape"] == ([shard] if rep == 1 else [rep, shard])
         # mesh dims are row-major (pp, dp_replicate, dp_shard, cp, tp): with cp = tp = pp = 1 the fsdp mesh
-        # is the rank grid reshaped to (replicate, shard), and this rank's dp coordinate is its rank.
+        # is the rank grid (reshaped to (replicate, shard) for HSDP), and this rank's dp coordinate is its rank.
         assert rep_["fsdp"]["members"] == list(range(ranks))
         assert rep_["dp_coordinate"] == [rank, ranks]
         assert rep_["tp"]["members"] == [rank] and rep_["pp"]["members"] == [rank]

@@ -1,12 +1,16 @@
-"""What FSDP2 is given: the RoPE table a block sees under bf16 FSDP, on a real 1-rank gloo group."""
+"""What FSDP2 is given: the mesh (1-D without replicas, 2-D for HSDP), built as rank 0 of an NGPU run on a fake
+process group; and the RoPE table a block sees under bf16 FSDP, on a real 1-rank gloo group."""
 
 import pytest
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
+from trainer.build import build_model, plan_run
+from trainer.config import load_config
 from trainer.models.llama import ModelArgs, Transformer
 from trainer.parallel.fsdp import apply_fsdp
+from trainer.torch_private import init_fake_process_group
 
 
 @pytest.fixture(autouse=True)
@@ -14,6 +18,26 @@ def _destroy_process_group():
     yield
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world_size,degrees,shape", [
+    (4, {"data_parallel_shard_degree": 4}, (4,)),
+    (4, {"data_parallel_shard_degree": 2, "context_parallel_degree": 2}, (4,)),
+    (4, {"data_parallel_shard_degree": 2, "tensor_parallel_degree": 2}, (2,)),
+    (4, {"data_parallel_replicate_degree": 2, "data_parallel_shard_degree": 2}, (2, 2)),
+    (2, {"data_parallel_replicate_degree": 2, "data_parallel_shard_degree": 1}, (2, 1)),
+], ids=["dp_shard=4", "dp_shard=2 x cp=2", "dp_shard=2 x tp=2", "HSDP 2x2", "dp_replicate=2"])
+def test_fsdp_mesh_is_1d_without_replicas(world_size, degrees, shape):
+    # FSDP2 runs a 2-D mesh as HSDP even when its replicate dim has size 1: an extra all-reduce per block.
+    overrides = [a for key, value in degrees.items() for a in (f"--parallelism.{key}", str(value))]
+    plan = plan_run(load_config(["--training.seq_len", "64", *overrides]), world_size, "cpu")
+    init_fake_process_group(rank=0, world_size=world_size)
+    plan.dims.build_mesh("cpu")
+    assert tuple(plan.dims.mesh("fsdp").shape) == shape
+    model = build_model(plan, torch.device("cpu"), init=False).model
+    weight = model.layers["0"].attention.wq.weight  # a DTensor on FSDP's mesh (x tp)
+    fsdp_dims = weight.device_mesh.ndim - (1 if "tp" in weight.device_mesh.mesh_dim_names else 0)
+    assert fsdp_dims == len(shape)
 
 
 def test_rope_table_reaches_attention_in_fp32_under_bf16_fsdp():

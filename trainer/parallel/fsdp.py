@@ -1,7 +1,7 @@
 """FSDP2 (`fully_shard`) over the data-parallel mesh: per transformer block, then the root.
 
-The mesh is 2-D (dp_replicate, dp_shard x cp): FSDP2 shards over the second dim and replicates over the first,
-which is HSDP, plain FSDP when the first has size 1, and DDP-style replication when the second has size 1.
+The mesh is 1-D (dp_shard x cp) for plain FSDP, or 2-D (dp_replicate, dp_shard x cp), over whose second dim FSDP2
+shards and over whose first it replicates: HSDP, or DDP-style replication when the second has size 1.
 Gradients are averaged over the whole mesh with ReduceOp.AVG, which gloo supports (it has no PREMUL_SUM, so we
 never ask FSDP for a custom divide factor).
 """
