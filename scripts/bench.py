@@ -10,7 +10,7 @@ scalars. The baseline row is scripts/plain_loop.py: the same model and data in a
     NGPU=8 python scripts/bench.py --device-ranks 8 --flavor 8B --seq-len 2048   # on an 8-GPU node
 
 MFU on CPU is against one fp32 matmul peak of the whole machine (all cores), measured here; on CUDA against the
-device's bf16 peak (trainer.metrics.GPU_PEAK_FLOPS) times the ranks.
+device's bf16 peak (trainer.metrics.GPU_PEAK_FLOPS) times the ranks, and not reported for a GPU the table lacks.
 """
 
 import argparse
@@ -149,7 +149,8 @@ def bench_plain(args, env_base: dict) -> dict:
             "command": "python scripts/plain_loop.py " + " ".join(cmd[2:])}
 
 
-def summarize(repeats: list[dict], fpt: int, peak: float, base_tps: float | None) -> dict:
+def summarize(repeats: list[dict], fpt: int, peak: float | None, base_tps: float | None,
+              peak_per_rank: bool = False) -> dict:
     """Median and min-max over repeats of one layout."""
     ok = [r for r in repeats if "skipped" not in r]
     if not ok:
@@ -157,6 +158,8 @@ def summarize(repeats: list[dict], fpt: int, peak: float, base_tps: float | None
     tps = sorted(r["global_tokens_per_step"] / r["step_time_median_s"] for r in ok)
     med = statistics.median(tps)
     first = ok[0]
+    if peak is not None and peak_per_rank:
+        peak *= first["ranks"]
     return {"layout": first["layout"], "ranks": first["ranks"], "threads_per_rank": first["threads_per_rank"],
             "tokens_per_s": med, "tokens_per_s_min": tps[0], "tokens_per_s_max": tps[-1],
             "tokens_per_s_per_rank": med / first["ranks"],
@@ -164,7 +167,7 @@ def summarize(repeats: list[dict], fpt: int, peak: float, base_tps: float | None
             "step_time_min_s": min(r["step_time_min_s"] for r in ok),
             "step_time_max_s": max(r["step_time_max_s"] for r in ok),
             "memory_gib_per_rank": max(max(r["memory_gib_per_rank"]) for r in ok),
-            "efficiency": med / base_tps if base_tps else None, "mfu_pct": 100 * med * fpt / peak,
+            "efficiency": med / base_tps if base_tps else None, "mfu_pct": 100 * med * fpt / peak if peak else None,
             "busy_fraction": max(r["busy_fraction"] for r in ok), "repeats": len(ok), "command": first["command"]}
 
 
@@ -173,7 +176,7 @@ def write_outputs(rows: list[dict], meta: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = [f"# Benchmark: {meta['model']}", "",
-             f"{meta['device']}; {meta['date']}; peak {meta['peak_tflops']:.3f} TFLOP/s ({meta['peak_note']}); "
+             f"{meta['device']}; {meta['date']}; peak {meta['peak_tflops'] or float('nan'):.3f} TFLOP/s ({meta['peak_note']}); "
              f"{meta['warmup']} warm-up + {meta['steps']} measured steps, {meta['repeats']} repeat(s).", "",
              "| ranks | layout | tokens/s (min–max) | tokens/s/rank | step time ms (min–max) | memory/rank GiB | "
              "efficiency | MFU | machine busy |", "|---|---|---|---|---|---|---|---|---|"]
@@ -182,12 +185,13 @@ def write_outputs(rows: list[dict], meta: dict, out_dir: Path) -> None:
             lines.append(f"| {r['ranks']} | {r['layout']} | skipped: {r['skipped'][:80]} | | | | | | |")
             continue
         eff = f"{r['efficiency']:.2f}" if r["efficiency"] is not None else "—"
+        mfu = f"{r['mfu_pct']:.1f}%" if r["mfu_pct"] is not None else "—"
         busy = f"{100 * r['busy_fraction']:.0f}%" + (" ⚠" if r["busy_fraction"] > 0.1 else "")
         lines.append(f"| {r['ranks']} | {r['layout']} | {r['tokens_per_s']:,.0f} ({r['tokens_per_s_min']:,.0f}–"
                      f"{r['tokens_per_s_max']:,.0f}) | {r['tokens_per_s_per_rank']:,.0f} | "
                      f"{1e3 * r['step_time_median_s']:.1f} ({1e3 * r['step_time_min_s']:.1f}–"
                      f"{1e3 * r['step_time_max_s']:.1f}) | {r['memory_gib_per_rank']:.2f} | {eff} | "
-                     f"{r['mfu_pct']:.1f}% | {busy} |")
+                     f"{mfu} | {busy} |")
     lines += ["", "Efficiency: global tokens/s over the 1-process trainer's. ⚠: other processes used more than 10% "
               "of the machine during that layout.", "", "Commands:", ""]
     lines += [f"- {r['layout']}: `{r['command']}`" for r in rows]
@@ -260,13 +264,13 @@ def main() -> None:
             print(json.dumps({k: v for k, v in res.items() if k != "command"}), flush=True)
             if "skipped" in res:
                 break
-    base = summarize(raw["1 process"], fpt, peak, None) if "1 process" in raw else None
+    base = summarize(raw["1 process"], fpt, peak, None, cuda) if "1 process" in raw else None
     base_tps = base.get("tokens_per_s") if base else None
     if plain:
-        rows.append(summarize(plain, fpt, peak, base_tps))
-    rows += [summarize(raw[n], fpt, peak, base_tps) for n in names]
+        rows.append(summarize(plain, fpt, peak, base_tps, cuda))
+    rows += [summarize(raw[n], fpt, peak, base_tps, cuda) for n in names]
     meta = {"model": f"llama3 {args.flavor} (seq {args.seq_len}, micro-batch {args.batch}/dp rank, {args.dtype})",
-            "device": device, "date": time.strftime("%Y-%m-%d %H:%M"), "peak_tflops": peak / 1e12,
+            "device": device, "date": time.strftime("%Y-%m-%d %H:%M"), "peak_tflops": peak / 1e12 if peak else None,
             "peak_note": note, "warmup": args.warmup, "steps": args.steps, "repeats": repeats,
             "flops_per_token": fpt, "raw": raw, "plain_raw": plain}
     write_outputs(rows, meta, Path(args.out))

@@ -6,6 +6,7 @@ import os
 import platform
 import resource
 import time
+import warnings
 from datetime import datetime
 from pathlib import Path
 
@@ -13,9 +14,30 @@ import torch
 
 from trainer.config import ConfigError
 
-# Dense bf16 peak FLOP/s per GPU (no sparsity), matched against torch.cuda.get_device_name().
-GPU_PEAK_FLOPS = {"H200": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12, "B200": 2.25e15,
-                  "A100": 312e12, "A10G": 125e12, "L40S": 362e12, "L4": 121e12, "MI300X": 1307e12}
+# Dense peak FLOP/s per GPU (no 2:4 sparsity) as (bf16/fp16 tensor, tf32 tensor, fp32 non-tensor), from the vendors'
+# datasheets, keyed by the exact torch.cuda.get_device_name(): a substring would take "NVIDIA H20" for an H200 and
+# "NVIDIA L40" for an L4. An unlisted name gets no MFU, and a warning that says to set metrics.peak_flops.
+_H100_SXM = (989.4e12, 494.7e12, 66.9e12)
+_H100_NVL = (835.5e12, 417.5e12, 60.0e12)  # H200 NVL too
+_A100 = (312e12, 156e12, 19.5e12)
+GPU_PEAK_FLOPS = {
+    "NVIDIA H100 80GB HBM3": _H100_SXM, "NVIDIA H100 PCIe": (756.5e12, 378e12, 51.2e12), "NVIDIA H100 NVL": _H100_NVL,
+    "NVIDIA H200": _H100_SXM, "NVIDIA H200 NVL": _H100_NVL, "NVIDIA GH200 480GB": _H100_SXM,
+    "NVIDIA H20": (148e12, 74e12, 44e12),
+    "NVIDIA A100-SXM4-40GB": _A100, "NVIDIA A100-SXM4-80GB": _A100, "NVIDIA A100-PCIE-40GB": _A100,
+    "NVIDIA A100 80GB PCIe": _A100,
+    "NVIDIA A10": (125e12, 62.5e12, 31.2e12), "NVIDIA L4": (121e12, 60e12, 30.3e12),
+    "NVIDIA L40": (181e12, 90.5e12, 90.5e12), "NVIDIA L40S": (362e12, 183e12, 91.6e12),
+    "NVIDIA B200": (2.25e15, 1.1e15, 75e12),
+    "AMD Instinct MI300X": (1307.4e12, 653.7e12, 163.4e12),
+}
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, stacklevel=3)
 
 
 def _cpu_peak_flops(dtype: torch.dtype) -> float:
@@ -45,14 +67,42 @@ def _cpu_peak_flops(dtype: torch.dtype) -> float:
     return table[key]
 
 
-def peak_flops(device: torch.device, dtype: torch.dtype, override: float) -> float:
-    """Peak FLOP/s of one device for MFU: the user's value, the GPU table, or a CPU measurement."""
+def gpu_peak_flops(name: str, dtype: torch.dtype) -> float | None:
+    """Dense peak FLOP/s of the GPU called `name` for matmuls in `dtype`, or None for a GPU not in the table. fp32
+    counts tensor cores (TF32) only when torch lets fp32 matmuls use them (torch.set_float32_matmul_precision)."""
+    peaks = GPU_PEAK_FLOPS.get(name)
+    if peaks is None:
+        return None
+    if dtype in (torch.bfloat16, torch.float16):
+        return peaks[0]
+    return peaks[1] if torch.get_float32_matmul_precision() != "highest" else peaks[2]
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype, override: float) -> float | None:
+    """Peak FLOP/s of one device for MFU: the user's value, the GPU table for `dtype`, or a CPU measurement. None
+    (no MFU, with one warning) for a GPU the table does not know."""
     if override > 0:
         return override
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        return next((v for k, v in GPU_PEAK_FLOPS.items() if k in name), 989e12)
+        peak = gpu_peak_flops(name, dtype)
+        if peak is None:
+            _warn_once(name, f"metrics: no peak FLOP/s known for GPU {name!r}, so MFU is not reported; set "
+                             f"metrics.peak_flops to its dense {str(dtype).removeprefix('torch.')} peak")
+        return peak
     return _cpu_peak_flops(dtype)
+
+
+def mfu_percent(flops: float, peak: float | None) -> float | None:
+    """Achieved FLOP/s as % of `peak`; None without a peak, or above 100% (then the peak is wrong: warned once)."""
+    if peak is None:
+        return None
+    if flops > peak:
+        _warn_once(f"above:{peak}", f"metrics: achieved {flops / 1e12:.1f} TFLOP/s exceeds the peak "
+                                    f"{peak / 1e12:.1f} TFLOP/s, so MFU is not reported; set metrics.peak_flops to "
+                                    f"the device's real peak")
+        return None
+    return 100 * flops / peak
 
 
 def memory_gib(device: torch.device) -> tuple[float, float | None]:
@@ -111,9 +161,10 @@ class MetricsLogger:
     """Turns per-step measurements into the console line, and scalars for TensorBoard and W&B, on the logging
     ranks."""
 
-    def __init__(self, cfg, device: torch.device, flops_per_token: int, peak: float, enabled: bool,
+    def __init__(self, cfg, device: torch.device, flops_per_token: int, peak: float | None, enabled: bool,
                  tokens_divisor: int, rank: int = 0, run_name: str | None = None):
-        """`enabled`: this rank prints. `run_name`: the TensorBoard run folder, the same on every rank."""
+        """`enabled`: this rank prints. `peak`: FLOP/s for MFU (None: no MFU). `run_name`: the TensorBoard run
+        folder, the same on every rank."""
         self.device, self.flops_per_token, self.peak, self.enabled = device, flops_per_token, peak, enabled
         # Ranks that split one sequence's work (tp, cp, pp) process the same tokens: count them once per device.
         self.tokens_divisor = tokens_divisor
@@ -135,9 +186,10 @@ class MetricsLogger:
         tps = tokens / elapsed / self.tokens_divisor
         flops = self.flops_per_token * tps
         mem, mem_pct = memory_gib(self.device)
+        mfu = mfu_percent(flops, self.peak)
         scalars = {"loss_metrics/global_avg_loss": loss_avg, "loss_metrics/global_max_loss": loss_max,
                    "grad_norm": grad_norm, "lr": lr, "throughput(tps)": tps, "tflops": flops / 1e12,
-                   "mfu(%)": 100 * flops / self.peak, "memory/max_reserved(GiB)": mem,
+                   **({"mfu(%)": mfu} if mfu is not None else {}), "memory/max_reserved(GiB)": mem,
                    "time_metrics/end_to_end(s)": elapsed / steps, "time_metrics/data_loading(s)": data_time / steps}
         for writer in self.writers:
             writer.write(scalars, step)
@@ -147,7 +199,7 @@ class MetricsLogger:
         mem_txt = f"{mem:.2f}GiB" + (f"({mem_pct:.1f}%)" if mem_pct is not None else "")
         print(f"{c[0]}step: {step:>5}  {c[1]}loss: {loss_avg:8.4f}  {c[2]}grad_norm: {grad_norm:7.4f}  "
               f"lr: {lr:.2e}  {c[3]}memory: {mem_txt}  {c[4]}tps: {tps:,.0f}  tflops: {flops / 1e12:.3f}  "
-              f"mfu: {100 * flops / self.peak:.2f}%  {c[1]}time: {elapsed / steps:.3f}s/step "
+              f"mfu: {'n/a' if mfu is None else f'{mfu:.2f}%'}  {c[1]}time: {elapsed / steps:.3f}s/step "
               f"(data {100 * data_time / elapsed:.1f}%){c[5]}", flush=True)
         return scalars
 

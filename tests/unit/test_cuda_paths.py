@@ -1,0 +1,81 @@
+"""Code that runs only on CUDA, run here on CPU with torch.cuda mocked: MFU peaks by GPU name and dtype."""
+
+import warnings
+
+import pytest
+import torch
+
+from trainer import metrics
+from trainer.config import load_config
+from trainer.metrics import MetricsLogger, peak_flops
+
+CUDA0 = torch.device("cuda", 0)
+
+
+@pytest.fixture
+def gpu_named(monkeypatch):
+    """Make torch.cuda report a GPU of the given name (and forget which unknown names were warned about)."""
+    monkeypatch.setattr(metrics, "_warned", set())
+
+    def named(name: str) -> None:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+
+    return named
+
+
+@pytest.mark.parametrize("name,dtype,expected", [
+    ("NVIDIA H100 80GB HBM3", torch.bfloat16, 989.4e12),
+    ("NVIDIA H100 PCIe", torch.bfloat16, 756.5e12),
+    ("NVIDIA H100 NVL", torch.float16, 835.5e12),
+    ("NVIDIA H200", torch.bfloat16, 989.4e12),
+    ("NVIDIA H20", torch.bfloat16, 148e12),  # a substring of "NVIDIA H200": matched H200's (and H100's) 989 before
+    ("NVIDIA A10", torch.bfloat16, 125e12),  # a substring of "NVIDIA A100"
+    ("NVIDIA A100-SXM4-80GB", torch.bfloat16, 312e12),
+    ("NVIDIA L40", torch.bfloat16, 181e12),  # "L4" is a substring: it got L4's 121
+    ("NVIDIA L40S", torch.bfloat16, 362e12),
+    ("NVIDIA L4", torch.bfloat16, 121e12),
+    ("NVIDIA B200", torch.bfloat16, 2.25e15),
+    ("AMD Instinct MI300X", torch.bfloat16, 1307.4e12),
+    ("NVIDIA H100 80GB HBM3", torch.float32, 66.9e12),  # fp32 matmuls without TF32 (torch's default)
+    ("NVIDIA A100-SXM4-40GB", torch.float32, 19.5e12),
+])
+def test_gpu_peak_by_exact_name_and_dtype(gpu_named, name, dtype, expected):
+    gpu_named(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert peak_flops(CUDA0, dtype, -1) == expected
+
+
+def test_fp32_peak_counts_tf32_only_when_torch_uses_it(gpu_named):
+    gpu_named("NVIDIA H100 80GB HBM3")
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        assert peak_flops(CUDA0, torch.float32, -1) == 494.7e12
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def test_unknown_gpu_gets_no_mfu_and_one_warning(gpu_named):
+    gpu_named("NVIDIA Hypothetical X1")
+    with pytest.warns(UserWarning, match="'NVIDIA Hypothetical X1'.*metrics.peak_flops"):
+        assert peak_flops(CUDA0, torch.bfloat16, -1) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second time: silent
+        assert peak_flops(CUDA0, torch.bfloat16, -1) is None
+    assert peak_flops(CUDA0, torch.bfloat16, 5e14) == 5e14  # metrics.peak_flops still wins
+
+
+@pytest.mark.parametrize("peak,shown", [(None, "mfu: n/a"), (1e6, "mfu: n/a"), (4e6, "mfu: 50.00%")],
+                         ids=["no peak", "above 100%", "50%"])
+def test_mfu_is_never_above_100_percent(monkeypatch, capsys, peak, shown):
+    monkeypatch.setattr(metrics, "_warned", set())
+    cfg = load_config(["--metrics.enable_tensorboard", "false", "--metrics.disable_color_printing"])
+    logger = MetricsLogger(cfg, torch.device("cpu"), flops_per_token=1000, peak=peak, enabled=True,
+                           tokens_divisor=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # 2,000 tokens in 1 s at 1,000 FLOPs each: 2 MFLOP/s achieved.
+        scalars = logger.log(1, 2.0, 2.0, 1.0, 1e-3, tokens=2000, elapsed=1.0, data_time=0.0, steps=1)
+    assert shown in capsys.readouterr().out
+    assert scalars.get("mfu(%)") == (50.0 if peak == 4e6 else None)
