@@ -56,9 +56,11 @@ warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavai
 
 
 def _rng_state() -> dict:
+    """Python's and torch's CPU RNG states, and the current CUDA device's (this rank's GPU, which init_distributed
+    made current) without the other visible GPUs': restoring those by index failed where fewer are visible."""
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -66,7 +68,7 @@ def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def _cause(e: BaseException) -> str:

@@ -1,11 +1,13 @@
-"""Code that runs only on CUDA, run here on CPU with torch.cuda mocked: MFU peaks by GPU name and dtype."""
+"""Code that runs only on CUDA, run here on CPU with torch.cuda mocked: MFU peaks by GPU name and dtype, and the RNG
+state a checkpoint keeps."""
 
+import random
 import warnings
 
 import pytest
 import torch
 
-from trainer import metrics
+from trainer import checkpoint, metrics
 from trainer.config import load_config
 from trainer.metrics import MetricsLogger, peak_flops
 
@@ -79,3 +81,44 @@ def test_mfu_is_never_above_100_percent(monkeypatch, capsys, peak, shown):
         scalars = logger.log(1, 2.0, 2.0, 1.0, 1e-3, tokens=2000, elapsed=1.0, data_time=0.0, steps=1)
     assert shown in capsys.readouterr().out
     assert scalars.get("mfu(%)") == (50.0 if peak == 4e6 else None)
+
+
+class FakeGPUs:
+    """torch.cuda's RNG functions on a machine showing `count` GPUs, with device `current` current."""
+
+    def __init__(self, count: int, current: int):
+        self.states = [torch.tensor([i], dtype=torch.uint8) for i in range(count)]
+        self.current = current
+
+    def _index(self, device) -> int:
+        index = self.current if device in ("cuda", None) else torch.device(device).index
+        if index >= len(self.states):
+            raise RuntimeError(f"CUDA error: invalid device ordinal {index}")
+        return index
+
+    def install(self, monkeypatch) -> None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": self.states[self._index(device)])
+        monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: list(self.states))
+
+        def set_state(state, device="cuda"):
+            self.states[self._index(device)] = state
+
+        monkeypatch.setattr(torch.cuda, "set_rng_state", set_state)
+        monkeypatch.setattr(torch.cuda, "set_rng_state_all",
+                            lambda states: [set_state(s, f"cuda:{i}") for i, s in enumerate(states)])
+
+
+def test_rng_state_is_this_ranks_gpu_only(monkeypatch):
+    # Saved by local rank 2 of a node that shows it 4 GPUs; resumed where each rank sees only its own GPU (e.g.
+    # CUDA_VISIBLE_DEVICES per rank). Restoring every saved GPU by index failed there: device 1 does not exist.
+    saver = FakeGPUs(count=4, current=2)
+    saver.install(monkeypatch)
+    saved = checkpoint._rng_state()
+    assert torch.equal(saved["cuda"], torch.tensor([2], dtype=torch.uint8))
+    resumer = FakeGPUs(count=1, current=0)
+    resumer.install(monkeypatch)
+    python_state = random.getstate()
+    checkpoint._set_rng_state(saved)
+    assert torch.equal(resumer.states[0], torch.tensor([2], dtype=torch.uint8))
+    assert random.getstate() == python_state
