@@ -3,7 +3,7 @@
 #   NGPU          ranks to start (default: visible CUDA devices, else 1)
 #   CONFIG_FILE   TOML config (default: configs/debug_model.toml)
 #   LOG_RANK      ranks that print, e.g. 0 or 0,4 (default 0)
-#   COMM_BACKEND  nccl (default with CUDA), gloo (default without), nvshmem (where available)
+#   COMM_BACKEND  nccl (default with CUDA), gloo (default without; trains on CPU), nvshmem (where available)
 #   DRY_RUN=1     validate the config for NGPU ranks, print the plan, train nothing (no GPU needed)
 # Extra arguments are config overrides: ./run_train.sh --training.steps 20 --optimizer.lr=1e-3
 set -euo pipefail

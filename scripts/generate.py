@@ -180,6 +180,9 @@ def resolve_device(a: argparse.Namespace, info: DistInfo) -> torch.device:
     device = torch.device(a.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda, but no GPU is visible; use --device cpu")
+    if device.type == "cuda" and info.device.type != "cuda":
+        raise UsageError("--device cuda with COMM_BACKEND=gloo, which runs on CPU; unset COMM_BACKEND or use --device "
+                         "cpu")
     if device.type == "cuda" and device.index is None:
         device = info.device  # cuda:LOCAL_RANK, which init_distributed made current
     if dist.is_initialized() and device.type == "cpu" and dist.get_backend() == "nccl":

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from trainer.config import ConfigError
+from trainer.parallel_dims import device_type
 from trainer.torch_private import nvshmem_available, set_process_group_timeouts, use_nvshmem_symmetric_memory
 
 
@@ -52,15 +53,20 @@ def init_distributed(comm=None, dump_folder: str = ".") -> DistInfo:
     collectives may wait comm.init_timeout_seconds (the [comm] section; torch's default without one).
 
     A run without torchrun's variables is one process and gets no process group at all; a process group that is
-    already initialized is kept.
+    already initialized is kept. gloo (COMM_BACKEND, or the kept group's backend) trains on CPU even where GPUs are
+    visible, and says so.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available()
+    cuda = device_type() == "cuda"
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
     info = DistInfo(rank, local_rank, world_size, device, _log_ranks())
+    if not cuda and torch.cuda.is_available() and info.should_log:
+        why = "COMM_BACKEND = gloo" if os.environ.get("COMM_BACKEND") == "gloo" else "the process group is gloo"
+        print(f"{why}: training on CPU although {torch.cuda.device_count()} GPU(s) are visible; unset COMM_BACKEND "
+              f"(or set nccl) to train on the GPUs", flush=True)
     if dist.is_initialized() or (world_size == 1 and "MASTER_ADDR" not in os.environ):
         return info  # a process group already up (a test worker running several jobs) is used as it is
     backend = os.environ.get("COMM_BACKEND") or ("nccl" if cuda else "gloo")

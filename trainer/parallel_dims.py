@@ -7,9 +7,11 @@ Resolution and validation need no process group, so DRY_RUN can use them for any
 """
 
 import math
+import os
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from trainer.config import ConfigError
@@ -143,5 +145,7 @@ class ParallelDims:
 
 
 def device_type() -> str:
-    """cuda when a GPU is visible, else cpu."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """The device this process trains on: cuda when a GPU is visible, unless COMM_BACKEND (or the process group
+    already up) is gloo, which means CPU: a CUDA mesh over gloo lacks collectives that FSDP and TP need."""
+    gloo = os.environ.get("COMM_BACKEND") == "gloo" or (dist.is_initialized() and dist.get_backend() == "gloo")
+    return "cuda" if torch.cuda.is_available() and not gloo else "cpu"

@@ -1,5 +1,5 @@
-"""Code that runs only on CUDA, run here on CPU with torch.cuda mocked: MFU peaks by GPU name and dtype, and the RNG
-state a checkpoint keeps."""
+"""Code that runs only on CUDA, run here on CPU with torch.cuda mocked: MFU peaks by GPU name and dtype, the RNG
+state a checkpoint keeps, and the device gloo trains on."""
 
 import random
 import warnings
@@ -9,7 +9,9 @@ import torch
 
 from trainer import checkpoint, metrics
 from trainer.config import load_config
+from trainer.distributed import init_distributed
 from trainer.metrics import MetricsLogger, peak_flops
+from trainer.parallel_dims import device_type
 
 CUDA0 = torch.device("cuda", 0)
 
@@ -122,3 +124,25 @@ def test_rng_state_is_this_ranks_gpu_only(monkeypatch):
     checkpoint._set_rng_state(saved)
     assert torch.equal(resumer.states[0], torch.tensor([2], dtype=torch.uint8))
     assert random.getstate() == python_state
+
+
+@pytest.fixture
+def gpus_visible(monkeypatch):
+    """Eight GPUs visible to a single process (no torchrun variables); set_device records its device."""
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "COMM_BACKEND", "LOG_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    current = []
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    return current
+
+
+def test_gloo_trains_on_cpu_where_gpus_are_visible(gpus_visible, monkeypatch, capsys):
+    assert init_distributed().device == CUDA0 and device_type() == "cuda" and gpus_visible == [CUDA0]
+    monkeypatch.setenv("COMM_BACKEND", "gloo")
+    gpus_visible.clear()
+    info = init_distributed()
+    assert info.device == torch.device("cpu") and device_type() == "cpu" and gpus_visible == []
+    out = capsys.readouterr().out
+    assert "COMM_BACKEND = gloo: training on CPU although 8 GPU(s) are visible" in out and out.count("\n") == 1
