@@ -10,11 +10,20 @@ from torch.optim.lr_scheduler import LambdaLR
 from trainer.config.job_config import LRScheduler, Optimizer
 
 
+def optimizer_kernel(implementation: str, params: list[nn.Parameter]) -> str:
+    """optimizer.implementation with `auto` resolved: fused (one kernel for every tensor) when every parameter is a
+    floating-point CUDA tensor, else foreach (CPU, where fused has no speed edge over it)."""
+    if implementation != "auto":
+        return implementation
+    cuda = bool(params) and all(p.device.type == "cuda" and p.is_floating_point() for p in params)
+    return "fused" if cuda else "foreach"
+
+
 def build_optimizer(params: list[nn.Parameter], cfg: Optimizer) -> torch.optim.Optimizer:
-    """AdamW / Adam with the configured kernel (for-loop, foreach or fused)."""
+    """AdamW / Adam with the configured kernel (auto, for-loop, foreach or fused; see `optimizer_kernel`)."""
     cls = {"AdamW": torch.optim.AdamW, "Adam": torch.optim.Adam}[cfg.name]
     impl = {"for-loop": {"foreach": False, "fused": False}, "foreach": {"foreach": True},
-            "fused": {"fused": True}}[cfg.implementation]
+            "fused": {"fused": True}}[optimizer_kernel(cfg.implementation, params)]
     return cls(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay, **impl)
 
 

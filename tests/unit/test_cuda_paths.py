@@ -1,8 +1,9 @@
 """Code that runs only on CUDA, run here on CPU with torch.cuda mocked: MFU peaks by GPU name and dtype, the RNG
-state a checkpoint keeps, and the device gloo trains on."""
+state a checkpoint keeps, the device gloo trains on, and the optimizer kernel."""
 
 import random
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from trainer import checkpoint, metrics
 from trainer.config import load_config
 from trainer.distributed import init_distributed
 from trainer.metrics import MetricsLogger, peak_flops
+from trainer.optim import build_optimizer, optimizer_kernel
 from trainer.parallel_dims import device_type
 
 CUDA0 = torch.device("cuda", 0)
@@ -146,3 +148,15 @@ def test_gloo_trains_on_cpu_where_gpus_are_visible(gpus_visible, monkeypatch, ca
     assert info.device == torch.device("cpu") and device_type() == "cpu" and gpus_visible == []
     out = capsys.readouterr().out
     assert "COMM_BACKEND = gloo: training on CPU although 8 GPU(s) are visible" in out and out.count("\n") == 1
+
+
+def test_optimizer_kernel_is_fused_on_cuda_and_foreach_on_cpu():
+    cpu = [torch.nn.Parameter(torch.zeros(2))]
+    cuda = [SimpleNamespace(device=CUDA0, is_floating_point=lambda: True)] * 2
+    assert optimizer_kernel("auto", cuda) == "fused"
+    assert optimizer_kernel("auto", cuda + cpu) == "foreach"
+    assert optimizer_kernel("auto", cpu) == "foreach"
+    assert optimizer_kernel("for-loop", cuda) == "for-loop"
+    cfg = load_config([])
+    assert cfg.optimizer.implementation == "auto"
+    assert build_optimizer(cpu, cfg.optimizer).defaults["foreach"] is True

@@ -173,8 +173,9 @@ class Optimizer:
     """Adam epsilon."""
     weight_decay: float = 0.1
     """Decoupled weight decay."""
-    implementation: str = "foreach"
-    """Kernel: for-loop, foreach or fused (fused needs every parameter on one device type that supports it)."""
+    implementation: str = "auto"
+    """Kernel: auto (fused when every parameter is on CUDA, else foreach), for-loop, foreach or fused (fused needs
+    every parameter on one device type that supports it)."""
     early_step_in_backward: bool = False
     """Update each parameter as soon as its gradient is complete in backward and free that gradient, so the whole
     model's gradients never exist at once (saves memory; rules out gradient clipping)."""

@@ -405,7 +405,7 @@ def validate(cfg: JobConfig) -> None:
     _one_of("training.mixed_precision_reduce", t.mixed_precision_reduce, ("float32", "bfloat16"))
     _one_of("parallelism.fsdp_reshard_after_forward", p.fsdp_reshard_after_forward, ("default", "always", "never"))
     _one_of("optimizer.name", o.name, ("AdamW", "Adam"))
-    _one_of("optimizer.implementation", o.implementation, ("for-loop", "foreach", "fused"))
+    _one_of("optimizer.implementation", o.implementation, ("auto", "for-loop", "foreach", "fused"))
     _one_of("lr_scheduler.decay_type", s.decay_type, ("linear", "sqrt", "cosine"))
     _check(o.lr > 0, f"optimizer.lr = {o.lr} must be > 0")
     _check(o.eps > 0, f"optimizer.eps = {o.eps} must be > 0")
