@@ -4,7 +4,7 @@ import math
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Partial, Replicate
 from torch.optim.lr_scheduler import LambdaLR
 
 from trainer.config.job_config import LRScheduler, Optimizer
@@ -65,16 +65,30 @@ def clip_grad_norm_(params: list[nn.Parameter], max_norm: float, pp_group=None,
     # torch's CPU fp32 norm kernel accumulates sequentially: ~1e-4 relative error on a 2048x256 gradient, 7e-4 at
     # 4096^2 (its sum kernel is accurate). Accumulate in fp64 there; CUDA reductions are accurate in fp32.
     acc = torch.float64 if grads and grads[0].device.type == "cpu" else None
-    norms = [torch.linalg.vector_norm(g, 2.0, dtype=acc) for g in grads]
-    total = torch.linalg.vector_norm(torch.stack(norms), 2.0) if norms else torch.zeros((), device=params[0].device)
-    if isinstance(total, DTensor):  # partial norms over the mesh -> one replicated value
-        total = total.full_tensor()
-    total = total.float()
+    # One foreach norm over the local shards of each group of gradients that is sharded over the same mesh dims,
+    # then one sum of squares over those dims per group. torch._foreach_norm on the DTensors themselves would go
+    # through DTensor's sharding propagation for a foreach op over mixed placements (seconds on a 3-D mesh's first
+    # step, see the scaling below), and get_total_norm has no fp64 accumulation.
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for g in grads:
+        mesh, sharded = None, ()
+        if isinstance(g, DTensor):
+            if any(p.is_partial() for p in g.placements):  # unreduced sums: reduce them before squaring
+                g = g.redistribute(placements=[Replicate() if p.is_partial() else p for p in g.placements])
+            # Shard and _StridedShard (FSDP over TP), which is no Shard subclass in torch 2.13: not replicated.
+            mesh, sharded = g.device_mesh, tuple(i for i, p in enumerate(g.placements) if not p.is_replicate())
+            g = g.to_local()
+        groups.setdefault((mesh, sharded), []).append(g)
+    squares = torch.zeros((), device=params[0].device if params else None, dtype=acc or torch.float32)
+    for (mesh, sharded), local in groups.items():
+        group_squares = torch.stack(torch._foreach_norm(local, 2.0, dtype=acc)).square().sum()
+        if sharded:  # each rank holds a part of these gradients: add the parts' squares up over the shard dims
+            partial = [Partial() if i in sharded else Replicate() for i in range(mesh.ndim)]
+            group_squares = DTensor.from_local(group_squares, mesh, partial).full_tensor()
+        squares = squares + group_squares.to(squares.dtype)
     if pp_group is not None:  # each stage holds different parameters: sum squares over stages
-        total = total ** 2
-        torch.distributed.all_reduce(total, group=pp_group)
-        total = total.sqrt()
-    total = total.float()
+        torch.distributed.all_reduce(squares, group=pp_group)
+    total = squares.sqrt().float()
     if max_norm > 0:
         # Scaling is elementwise, so it runs on each shard's local tensor: a foreach op over DTensors of mixed
         # placements goes through DTensor's sharding propagation, which took seconds on a 3-D mesh's first step.
