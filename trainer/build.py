@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
 
 from trainer.config import ConfigError, JobConfig
 from trainer.converters import check_converters, check_hardware, convert, post_optimizer_hook
@@ -194,6 +195,30 @@ class ModelParts:
             self._post_optimizer_hook(self.parts)
 
 
+# fp32 master weights, fp32 gradients and AdamW's two fp32 moments, each sharded like the parameters.
+TRAINING_STATE_BYTES_PER_PARAM = 16
+
+
+def local_param_elements(parts: list[nn.Module]) -> int:
+    """Elements of the parameters this rank holds (its shards of DTensors), countable on the meta device."""
+    return sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel()
+               for part in parts for p in part.parameters())
+
+
+def check_device_memory(plan: RunPlan, parts: list[nn.Module], device: torch.device) -> None:
+    """ConfigError, before anything is allocated, when this rank's parameters, gradients and AdamW states alone
+    outgrow the GPU (activations come on top: DRY_RUN estimates them)."""
+    local = local_param_elements(parts)
+    need, have = local * TRAINING_STATE_BYTES_PER_PARAM, torch.cuda.get_device_properties(device).total_memory
+    if need > have:
+        cfg = plan.cfg
+        raise ConfigError(f"model {cfg.model.name} {cfg.model.flavor}: this rank's parameters, gradients and AdamW "
+                          f"states need {need / 2**30:.1f} GiB ({TRAINING_STATE_BYTES_PER_PARAM} bytes x {local:,} "
+                          f"local elements) but {device} has {have / 2**30:.1f} GiB; shard it over more GPUs: NGPU "
+                          f"with parallelism.data_parallel_shard_degree, parallelism.tensor_parallel_degree or "
+                          f"parallelism.pipeline_parallel_degree")
+
+
 def build_model(plan: RunPlan, device: torch.device,
                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
                 init: bool = True) -> ModelParts:
@@ -221,6 +246,8 @@ def build_model(plan: RunPlan, device: torch.device,
     else:
         parts = [parallelize_part(model)]
     if init:
+        if device.type == "cuda":
+            check_device_memory(plan, parts, device)
         for part in parts:
             init_weights(part, plan.seed, device)
             part.train()

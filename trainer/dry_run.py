@@ -14,7 +14,8 @@ import sys
 import torch
 import torch.distributed as dist
 
-from trainer.build import build_model, check_data, load_tokenizer, plan_run
+from trainer.build import (TRAINING_STATE_BYTES_PER_PARAM, build_model, check_data, load_tokenizer,
+                           local_param_elements, plan_run)
 from trainer.checkpoint_files import plan_load
 from trainer.config import ConfigError, JobConfig, help_text, load_config
 from trainer.models.llama import flops_per_token, num_params
@@ -93,13 +94,11 @@ def dry_run(cfg: JobConfig, world_size: int, require_assets: bool = False, targe
     try:
         dims.build_mesh("cpu")  # rank 0's shards, computed on the fake group whatever device the run uses
         parts = build_model(plan, torch.device("cpu"), init=False).parts
-        local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel()
-                    for part in parts for p in part.parameters())
+        local = local_param_elements(parts)
     finally:
         dist.destroy_process_group()
     total = num_params(args)
-    # fp32 master weights + fp32 gradients + two fp32 Adam moments, each sharded like the parameters.
-    state = local * 4 * 4
+    state = local * TRAINING_STATE_BYTES_PER_PARAM
     # With PP this is an upper bound: it counts every microbatch in flight at once, as GPipe has them.
     tokens = cfg.training.local_batch_size * cfg.training.seq_len // dims.cp
     ac = cfg.activation_checkpoint

@@ -1,5 +1,6 @@
 """Code that runs only on CUDA, run here on CPU with torch.cuda mocked: MFU peaks by GPU name and dtype, the RNG
-state a checkpoint keeps, the device gloo trains on, and the optimizer kernel."""
+state a checkpoint keeps, the device gloo trains on, the optimizer kernel, and the memory check before a model is
+materialized on a GPU."""
 
 import random
 import warnings
@@ -9,7 +10,8 @@ import pytest
 import torch
 
 from trainer import checkpoint, metrics
-from trainer.config import load_config
+from trainer.build import build_model, plan_run
+from trainer.config import ConfigError, load_config
 from trainer.distributed import init_distributed
 from trainer.metrics import MetricsLogger, peak_flops
 from trainer.optim import build_optimizer, optimizer_kernel
@@ -160,3 +162,14 @@ def test_optimizer_kernel_is_fused_on_cuda_and_foreach_on_cpu():
     cfg = load_config([])
     assert cfg.optimizer.implementation == "auto"
     assert build_optimizer(cpu, cfg.optimizer).defaults["foreach"] is True
+
+
+def test_model_that_cannot_fit_the_gpu_is_refused_before_materializing(monkeypatch):
+    # llama3 8B on one 80 GiB GPU: 8.03e9 parameters x 16 bytes (fp32 weights, gradients, two AdamW moments).
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=80 * 2**30))
+    cfg = load_config(["--model.flavor", "8B", "--training.seq_len", "64"])
+    with pytest.raises(ConfigError) as e:
+        build_model(plan_run(cfg, 1, "cuda"), CUDA0)  # on a CPU machine, any CUDA allocation would fail instead
+    msg = str(e.value)
+    assert "\n" not in msg and "need 119.7 GiB" in msg and "has 80.0 GiB" in msg, msg
+    assert "parallelism.data_parallel_shard_degree" in msg and "parallelism.tensor_parallel_degree" in msg
