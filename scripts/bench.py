@@ -10,7 +10,8 @@ scalars. The baseline row is scripts/plain_loop.py: the same model and data in a
     NGPU=8 python scripts/bench.py --device-ranks 8 --flavor 8B --seq-len 2048   # on an 8-GPU node
 
 MFU on CPU is against one fp32 matmul peak of the whole machine (all cores), measured here; on CUDA against the
-device's bf16 peak (trainer.metrics.GPU_PEAK_FLOPS) times the ranks, and not reported for a GPU the table lacks.
+device's peak for --dtype (trainer.metrics.GPU_PEAK_FLOPS) times the ranks, and not reported for a GPU the table
+lacks.
 """
 
 import argparse
@@ -176,7 +177,8 @@ def write_outputs(rows: list[dict], meta: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = [f"# Benchmark: {meta['model']}", "",
-             f"{meta['device']}; {meta['date']}; peak {meta['peak_tflops'] or float('nan'):.3f} TFLOP/s ({meta['peak_note']}); "
+             f"{meta['device']}; {meta['date']}; peak {meta['peak_tflops'] or float('nan'):.3f} TFLOP/s "
+             f"({meta['peak_note']}); "
              f"{meta['warmup']} warm-up + {meta['steps']} measured steps, {meta['repeats']} repeat(s).", "",
              "| ranks | layout | tokens/s (min–max) | tokens/s/rank | step time ms (min–max) | memory/rank GiB | "
              "efficiency | MFU | machine busy |", "|---|---|---|---|---|---|---|---|---|"]
@@ -247,8 +249,8 @@ def main() -> None:
     if cuda:
         from trainer.metrics import peak_flops
 
-        device, note = torch.cuda.get_device_name(0), "bf16 table peak per GPU"
-        peak = peak_flops(torch.device("cuda", 0), torch.bfloat16, -1)
+        device, note = torch.cuda.get_device_name(0), f"{args.dtype} table peak per GPU"
+        peak = peak_flops(torch.device("cuda", 0), getattr(torch, args.dtype), -1)
     else:
         device = f"CPU, {os.cpu_count()} cores"
         peak, note = machine_peak_flops(), "fp32 matmul 2048², all cores, measured now"
