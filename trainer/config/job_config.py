@@ -418,6 +418,9 @@ class QuantizedLinear:
 
 @dataclass
 class QuantizedGroupedMM:
+    """torchtitan's grouped-matmul quantization of mixture-of-experts layers: llama3 has no experts, so these keys
+    are accepted (torchtitan's TOML files set them) and read by nothing here."""
+
     float8: Float8GroupedMM = field(default_factory=Float8GroupedMM)
     """Float8 grouped matmuls of MoE experts (converter quantize.grouped_mm.float8)."""
     mx: MXGroupedMM = field(default_factory=MXGroupedMM)
