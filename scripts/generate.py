@@ -55,7 +55,7 @@ from trainer.config import ConfigError  # noqa: E402
 from trainer.config.job_config import Model  # noqa: E402
 from trainer.data.tokenizer import Tokenizer  # noqa: E402
 from trainer.distributed import DistInfo, init_distributed, shutdown  # noqa: E402
-from trainer.generation import generate  # noqa: E402
+from trainer.generation import cast_weights, generate  # noqa: E402
 from trainer.models.hf import from_hf_state_dict, load_hf_checkpoint  # noqa: E402
 from trainer.models.llama import ModelArgs, Transformer, get_model_args  # noqa: E402
 from trainer.weights import load_dcp_weights, load_full_state  # noqa: E402
@@ -223,13 +223,14 @@ def run(a: argparse.Namespace, info: DistInfo) -> int:
         return 2
     dtype = resolve_param_dtype(a.dtype, device.type)
     model = with_max_seq_len(model, len(prompt) + a.max_new_tokens).eval()
-    # Weights stay fp32 (as the trainer keeps them); bf16 compute goes through autocast, RoPE stays fp32.
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else None
+    # The weights are cast to the compute dtype once (the RoPE table stays fp32): no autocast, which would recast
+    # every weight at every token.
+    model = cast_weights(model, dtype)
     # Under TP the logits are all-gathered, so the ranks' draws agree already; the broadcast makes sure of it.
     sync_token = (lambda token: dist.broadcast(token, group=tp_mesh.get_group(), group_src=0)) if tp_mesh else None
     out = generate(model, prompt, a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
                    seed=a.seed, use_cache=not a.no_cache, stop_ids=() if a.ignore_eos else (tokenizer.eos_id,),
-                   autocast=autocast, sync_token=sync_token)
+                   sync_token=sync_token)
     if info.rank != 0:
         return 0
     shown_prompt = prompt[1:] if prompt and prompt[0] == tokenizer.bos_id else prompt

@@ -4,7 +4,6 @@ without one). Used by scripts/generate.py, in one process or on every rank of a 
 logits are replicated, so every rank runs this same loop in lockstep).
 """
 
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -35,6 +34,21 @@ def sample_next(logits: Tensor, temperature: float = 0.0, top_k: int | None = No
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 
 
+def cast_weights(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast `model`'s parameters to the generation dtype once, in place; tied parameters stay one, and buffers (the
+    RoPE table) stay fp32. The model then computes in `dtype` without autocast, which would cast every weight again
+    at every token. Works on tensor-parallel (DTensor) parameters too. Returns the model."""
+    cast: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if param.dtype == dtype:
+                continue
+            if id(param) not in cast:
+                cast[id(param)] = nn.Parameter(param.detach().to(dtype), requires_grad=False)
+            setattr(module, name, cast[id(param)])
+    return model
+
+
 @dataclass
 class Generation:
     """What `generate` produced for one prompt."""
@@ -48,10 +62,11 @@ class Generation:
 @torch.no_grad()
 def generate(model: nn.Module, prompt: list[int], max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int = 0, use_cache: bool = True,
-             stop_ids: tuple[int, ...] = (), autocast: contextlib.AbstractContextManager | None = None,
-             keep_logits: bool = False, sync_token: Callable[[Tensor], None] | None = None) -> Generation:
+             stop_ids: tuple[int, ...] = (), keep_logits: bool = False,
+             sync_token: Callable[[Tensor], None] | None = None) -> Generation:
     """Continue `prompt` (token ids) with up to `max_new_tokens` tokens from `model` (a Transformer in eval mode whose
-    RoPE table covers len(prompt) + max_new_tokens positions); stop after a token in `stop_ids`.
+    RoPE table covers len(prompt) + max_new_tokens positions); stop after a token in `stop_ids`. The model computes
+    in the dtype of its weights (see `cast_weights`).
 
     With `use_cache` the prompt runs once and then each new token alone; without, the whole sequence runs every step
     (the reference the cache is tested against). Sampling draws from a generator seeded with `seed`, never from the
@@ -67,14 +82,12 @@ def generate(model: nn.Module, prompt: list[int], max_new_tokens: int, temperatu
                          f"model's max_seq_len {model.rope_cache.shape[0]}")
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
-    autocast = autocast if autocast is not None else contextlib.nullcontext()
     cache = KVCache(max_len) if use_cache else None
     sequence = torch.tensor([prompt], dtype=torch.long, device=device)
     pending = sequence  # the tokens the model has not seen yet
     out = Generation(tokens=[])
     for _ in range(max_new_tokens):
-        with autocast:
-            logits = model(pending, cache=cache) if use_cache else model(sequence)
+        logits = model(pending, cache=cache) if use_cache else model(sequence)
         last = logits[:, -1].float()
         token = sample_next(last, temperature, top_k, top_p, generator)
         if sync_token is not None:

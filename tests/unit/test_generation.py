@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from trainer.data.tokenizer import Tokenizer
-from trainer.generation import generate, sample_next
+from trainer.generation import cast_weights, generate, sample_next
 from trainer.models.hf import from_hf_state_dict, hf_config_from_args, load_hf_checkpoint, save_hf_checkpoint
 from trainer.models.kv_cache import KVCache
 from trainer.models.llama import ModelArgs, Transformer, get_model_args
@@ -64,6 +64,53 @@ def test_cached_forward_matches_full_forward(args, chunks):
     assert cache.start == tokens.shape[1]
     diff = (torch.cat(parts, dim=1) - full).abs().max().item()
     assert diff < ATOL, diff
+
+
+def test_prefill_runs_causal_attention_without_a_mask(monkeypatch):
+    # A prompt's prefill must reach SDPA as is_causal without a mask (an explicit mask rules out the flash and
+    # memory-efficient kernels); decode steps are one query over every key so far, and need neither.
+    calls, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, is_causal=False, **kwargs):
+        calls.append((q.shape[2], k.shape[2], attn_mask is None, is_causal))
+        return sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    generate(_model(GQA), [1, 5, 9, 2], 3)
+    n = GQA.n_layers
+    assert calls == [(4, 4, True, True)] * n + [(1, 5, True, False)] * n + [(1, 6, True, False)] * n, calls
+
+
+def test_cast_weights_keeps_ties_and_fp32_rope():
+    model = cast_weights(_model(TIED), torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.output.weight is model.tok_embeddings.weight
+    assert model.rope_cache.dtype == torch.float32
+    assert len(generate(model, [1, 5, 9, 2], 5).tokens) == 5
+
+
+def test_script_casts_weights_once_instead_of_autocast(tmp_path, monkeypatch):
+    # --dtype bfloat16: generation runs on bf16 weights (cast once), not on fp32 weights under autocast, which would
+    # cast every weight again at every token; the RoPE table stays fp32.
+    import torch.distributed.checkpoint as dcp
+
+    step = tmp_path / "step-1"
+    dcp.save({"model": _model(get_model_args("llama3", "debugmodel"), seed=5).state_dict()},
+             checkpoint_id=str(step), no_dist=True)
+    (step / "complete.json").write_text(json.dumps({"model": "llama3 debugmodel"}))
+    script, seen = _script(), {}
+    real = script.generate
+
+    def spy(model, *args, **kwargs):
+        seen.update(dtypes={p.dtype for p in model.parameters()}, rope=model.rope_cache.dtype, kwargs=set(kwargs))
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(script, "generate", spy)
+    a = script.parse_args(["--checkpoint", str(step), "--tokenizer", str(TOKENIZER), "--prompt", "Return the",
+                           "--max-new-tokens", "4", "--device", "cpu", "--dtype", "bfloat16", "--json"])
+    assert script.run(a, script.init_distributed()) == 0
+    assert seen["dtypes"] == {torch.bfloat16} and seen["rope"] == torch.float32, seen
+    assert "autocast" not in seen["kwargs"]
 
 
 def test_cache_refuses_positions_past_its_end():

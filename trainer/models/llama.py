@@ -245,6 +245,7 @@ class Attention(nn.Module):
         q = apply_rope(self.wq(x).view(bsz, seqlen, -1, self.head_dim), rope_cache[:seqlen])
         k = apply_rope(self.wk(x).view(bsz, seqlen, -1, self.head_dim), rope_cache[:seqlen])
         v = self.wv(x).view(bsz, seqlen, -1, self.head_dim)
+        start = 0
         if cache is not None:
             start = cache.start
             k, v = cache.update(k, v)  # now every position so far: the queries are the last seqlen of them
@@ -252,7 +253,9 @@ class Attention(nn.Module):
         if n_rep > 1:
             # Explicit repeat rather than SDPA's enable_gqa, which not every backend/CP path supports.
             k, v = k.repeat_interleave(n_rep, dim=2), v.repeat_interleave(n_rep, dim=2)
-        if cache is None:
+        if start == 0:
+            # Training, and a prompt's prefill: queries and keys are the same positions, so plain causal attention,
+            # which the flash and memory-efficient kernels run (an explicit mask would rule them out).
             out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                  is_causal=True)
         else:
