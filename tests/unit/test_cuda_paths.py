@@ -1,6 +1,6 @@
 """Code that runs only on CUDA, run here on CPU with torch.cuda mocked: MFU peaks by GPU name and dtype, the RNG
-state a checkpoint keeps, the device gloo trains on, the optimizer kernel, and the memory check before a model is
-materialized on a GPU."""
+state a checkpoint keeps, the device gloo trains on, the optimizer kernel, the memory check before a model is
+materialized on a GPU, and TF32 for fp32 matmuls."""
 
 import random
 import warnings
@@ -16,6 +16,7 @@ from trainer.distributed import init_distributed
 from trainer.metrics import MetricsLogger, peak_flops
 from trainer.optim import build_optimizer, optimizer_kernel
 from trainer.parallel_dims import device_type
+from trainer.train import enable_tf32
 
 CUDA0 = torch.device("cuda", 0)
 
@@ -173,3 +174,16 @@ def test_model_that_cannot_fit_the_gpu_is_refused_before_materializing(monkeypat
     msg = str(e.value)
     assert "\n" not in msg and "need 119.7 GiB" in msg and "has 80.0 GiB" in msg, msg
     assert "parallelism.data_parallel_shard_degree" in msg and "parallelism.tensor_parallel_degree" in msg
+
+
+def test_tf32_is_enabled_for_cuda_only():
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    before = matmul.fp32_precision, conv.fp32_precision
+    try:
+        enable_tf32(torch.device("cpu"))
+        assert (matmul.fp32_precision, conv.fp32_precision) == before
+        enable_tf32(CUDA0)
+        assert (matmul.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")
+    finally:
+        matmul.fp32_precision, conv.fp32_precision = before
+
