@@ -18,7 +18,7 @@ from torch.distributed.tensor import DTensor
 from trainer.build import build_model, check_data, load_tokenizer, plan_run
 from trainer.checkpoint import Checkpointer
 from trainer.config import ConfigError, JobConfig, help_text, load_config, save_config
-from trainer.data.dataloader import build_dataloader
+from trainer.data.dataloader import build_dataloader, to_device
 from trainer.distributed import collective_failure, init_distributed, set_timeouts, shutdown
 from trainer.metrics import MetricsLogger, peak_flops
 from trainer.models.llama import flops_per_token, num_params
@@ -110,7 +110,8 @@ class Trainer:
             self.dataloader = build_dataloader(
                 cfg.training.dataset, cfg.training.dataset_path, self.tokenizer, cfg.training.seq_len,
                 cfg.training.local_batch_size, dp_rank, dp_degree, seed=plan.seed,
-                vocab_size=plan.model_args.vocab_size, options=cfg.training.dataloader)
+                vocab_size=plan.model_args.vocab_size, options=cfg.training.dataloader,
+                device_type=self.device.type)
         except (ValueError, FileNotFoundError) as e:
             raise ConfigError(f"training.dataset = {cfg.training.dataset!r}: {e}") from None
 
@@ -200,7 +201,7 @@ class Trainer:
         With PP the loss is only known on the last stage (0 elsewhere until global_loss broadcasts it)."""
         pipeline = self.model.pipeline
         self.optimizer.zero_grad(set_to_none=True)
-        loss = sum(self.forward_backward(inputs.to(self.device), labels.to(self.device)) for inputs, labels in batches)
+        loss = sum(self.forward_backward(*to_device(batch, self.device)) for batch in batches)
         if pipeline:
             pipeline.sync_tied_grads()
         grad_norm = clip_grad_norm_(self.params, self.cfg.training.max_norm,

@@ -35,7 +35,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from trainer.config import ConfigError, JobConfig
-from trainer.data.dataloader import build_dataloader
+from trainer.data.dataloader import build_dataloader, to_device
 from trainer.data.datasets import DATASET_NAMES
 from trainer.data.tokenizer import Tokenizer
 from trainer.metrics import MetricsLogger
@@ -126,7 +126,7 @@ class Validator:
             self.loader = build_dataloader(
                 self.data.dataset, self.data.dataset_path, tokenizer, self.data.seq_len, self.data.local_batch_size,
                 dp_rank, dp_degree, seed=seed + SYNTHETIC_SEED_OFFSET, split="validation", infinite=False,
-                vocab_size=vocab_size, options=cfg.validation.dataloader)
+                vocab_size=vocab_size, options=cfg.validation.dataloader, device_type=device.type)
         except (ValueError, FileNotFoundError) as e:
             raise ConfigError(f"validation.dataset = {self.data.dataset!r}: {e}") from None
         # Every pass starts from here: a pass cut short (steps = N, or another rank ran out) would otherwise resume.
@@ -158,7 +158,7 @@ class Validator:
                 batch = next(data_iter, None)
                 if not self._everyone_has(batch is not None):
                     break
-                inputs, labels = (t.to(self.device) for t in batch)
+                inputs, labels = to_device(batch, self.device)
                 batch_sum, batch_tokens = self._batch_loss(model, inputs, labels)
                 loss_sum += batch_sum
                 tokens += batch_tokens

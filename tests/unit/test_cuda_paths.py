@@ -1,23 +1,31 @@
 """Code that runs only on CUDA, run here on CPU with torch.cuda mocked: MFU peaks by GPU name and dtype, the RNG
 state a checkpoint keeps, the device gloo trains on, the optimizer kernel, the memory check before a model is
-materialized on a GPU, and TF32 for fp32 matmuls."""
+materialized on a GPU, TF32 for fp32 matmuls, and batches pinned in host memory and copied without blocking
+(CPU runs doing neither)."""
 
 import random
 import warnings
+from pathlib import Path
 from types import SimpleNamespace
+from unittest import mock
 
 import pytest
 import torch
 
 from trainer import checkpoint, metrics
+from trainer import train as train_module
+from trainer import validate as validate_module
 from trainer.build import build_model, plan_run
 from trainer.config import ConfigError, load_config
+from trainer.config.job_config import DataLoader
+from trainer.data.dataloader import build_dataloader, to_device
 from trainer.distributed import init_distributed
 from trainer.metrics import MetricsLogger, peak_flops
 from trainer.optim import build_optimizer, optimizer_kernel
 from trainer.parallel_dims import device_type
-from trainer.train import enable_tf32
+from trainer.train import Trainer, enable_tf32
 
+ROOT = Path(__file__).resolve().parents[2]
 CUDA0 = torch.device("cuda", 0)
 
 
@@ -187,3 +195,48 @@ def test_tf32_is_enabled_for_cuda_only():
     finally:
         matmul.fp32_precision, conv.fp32_precision = before
 
+
+def test_batches_copy_to_cuda_without_blocking_and_stay_put_on_cpu():
+    inputs, labels = mock.MagicMock(), mock.MagicMock()
+    to_device([inputs, labels], CUDA0)
+    inputs.to.assert_called_once_with(CUDA0, non_blocking=True)
+    labels.to.assert_called_once_with(CUDA0, non_blocking=True)
+    batch = [torch.arange(4), torch.arange(4)]
+    assert all(out is t for out, t in zip(to_device(batch, torch.device("cpu")), batch))
+
+
+def test_pin_memory_defaults_to_the_device():
+    def pinned(device_type: str, **options) -> bool:
+        return build_dataloader("synthetic", None, None, 8, 2, 0, 1, vocab_size=64, options=DataLoader(**options),
+                                device_type=device_type).pin_memory
+
+    assert DataLoader().pin_memory is None
+    assert (pinned("cuda"), pinned("cpu")) == (True, False)
+    assert (pinned("cuda", pin_memory=False), pinned("cpu", pin_memory=True)) == (False, True)
+
+
+def test_trainer_and_validation_copy_through_to_device(tmp_path, monkeypatch):
+    # The Trainer's steps and the validation pass both move their batches with to_device; TF32 is asked for the
+    # run's device at start-up.
+    moved, tf32 = [], []
+    real = to_device
+
+    def spy(batch, device):
+        moved.append(device)
+        return real(batch, device)
+
+    monkeypatch.setattr(train_module, "to_device", spy)
+    monkeypatch.setattr(validate_module, "to_device", spy)
+    monkeypatch.setattr(train_module, "enable_tf32", tf32.append)
+    argv = ["--job.config_file", str(ROOT / "configs/debug_model.toml"), "--job.dump_folder", str(tmp_path),
+            "--training.dataset", "synthetic", "--training.seq_len", "16", "--training.local_batch_size", "2",
+            "--training.steps", "1", "--metrics.enable_tensorboard", "false", "--validation.enable",
+            "--validation.dataset", "synthetic", "--validation.freq", "1", "--validation.steps", "1"]
+    trainer = Trainer(load_config(argv))
+    try:
+        trainer.train()
+        assert trainer.dataloader.pin_memory is False and trainer.validator.loader.pin_memory is False
+    finally:
+        trainer.close()
+    assert tf32 == [torch.device("cpu")]
+    assert moved == [torch.device("cpu")] * 2  # one training micro-batch, one validation batch

@@ -54,8 +54,9 @@ class DataLoader:
     persistent_workers: bool = False
     """Keep the worker processes from one pass over the data to the next instead of starting new ones; needs
     num_workers > 0."""
-    pin_memory: bool = False
-    """Hand out batches in page-locked host memory, which copies to a GPU faster and asynchronously."""
+    pin_memory: bool | None = None
+    """Hand out batches in page-locked host memory, so that their copy to the GPU runs asynchronously (the step
+    copies with non_blocking); unset means on when the run is on CUDA and off on CPU, where nothing is copied."""
     prefetch_factor: int | None = None
     """Batches each worker prepares ahead of use; unset means torch's choice (2 with workers); needs num_workers > 0."""
 

@@ -189,17 +189,23 @@ def _parse_cli(argv: list[str]) -> list[tuple[str, str | None]]:
     return out
 
 
+def _is_switch(tp) -> bool:
+    """A boolean field, or an optional one (unset: decided at run time)."""
+    return tp is bool or (typing.get_origin(tp) in (typing.Union, types.UnionType)
+                          and set(typing.get_args(tp)) == {bool, type(None)})
+
+
 def _switch(name: str, schema: type) -> tuple[str, str]:
     """A bare `--a.b` sets a boolean to true and `--a.no_b` (torchtitan's negation) to false; (key, raw value)."""
     section, _, key = name.rpartition(".")
     negated = f"{section}.{key[3:]}"
     if key.startswith("no_") and key[3:]:
         try:
-            if _field(negated, schema=schema).type is bool:
+            if _is_switch(_field(negated, schema=schema).type):
                 return negated, "false"
         except ConfigError:
             pass
-    if _field(name, schema=schema).type is not bool:
+    if not _is_switch(_field(name, schema=schema).type):
         raise ConfigError(f"--{name} needs a value")
     return name, "true"
 

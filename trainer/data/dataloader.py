@@ -3,6 +3,7 @@
 import copy
 import warnings
 
+import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from trainer.data.datasets import build_dataset
@@ -15,21 +16,31 @@ warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=
 
 def build_dataloader(dataset: str, dataset_path: str | None, tokenizer: Tokenizer | None, seq_len: int,
                      local_batch_size: int, dp_rank: int, dp_degree: int, seed: int = 0, split: str = "train",
-                     infinite: bool = True, vocab_size: int | None = None, options=None) -> StatefulDataLoader:
+                     infinite: bool = True, vocab_size: int | None = None, options=None,
+                     device_type: str = "cpu") -> StatefulDataLoader:
     """Batches of (inputs, labels), int64 tensors of shape [local_batch_size, seq_len]; a last partial batch is dropped.
 
     Training loaders are endless (`infinite=True`); a validation loader (`split="validation"`, `infinite=False`) makes
     one pass per iteration. `vocab_size` is only read by the synthetic dataset. `options`: a [*.dataloader] section
     (num_workers, persistent_workers, pin_memory, prefetch_factor); worker processes share the rank's batches in
-    turn (see WindowStream), so the batches are the same with any number of workers.
+    turn (see WindowStream), so the batches are the same with any number of workers. `device_type`: where the
+    batches go; an unset pin_memory pins them for "cuda".
     """
     ds = build_dataset(dataset, dataset_path, tokenizer, seq_len, dp_rank, dp_degree, seed, split, infinite,
                        vocab_size, batch_size=local_batch_size)
     workers = options.num_workers if options is not None else 0
     extra = {} if workers == 0 else {"persistent_workers": options.persistent_workers,
                                      "prefetch_factor": options.prefetch_factor}
+    pin = options.pin_memory if options is not None and options.pin_memory is not None else device_type == "cuda"
     return StatefulDataLoader(ds, batch_size=local_batch_size, drop_last=True, num_workers=workers,
-                              pin_memory=options.pin_memory if options is not None else False, **extra)
+                              pin_memory=pin, **extra)
+
+
+def to_device(batch, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """A batch's tensors on `device`. To CUDA the copy does not block the host: from pinned memory it runs
+    asynchronously, ordered on the stream before the kernels that read it. On CPU the tensors themselves."""
+    non_blocking = device.type == "cuda"
+    return tuple(t.to(device, non_blocking=non_blocking) for t in batch)
 
 
 def dataset_states(loader_state: dict) -> list[dict]:
