@@ -240,7 +240,10 @@ class Trainer:
         cfg = self.cfg.training
         for observer in self.observers:
             observer.before_training(self)
-        data_iter = iter(self.dataloader)  # created after the checkpoint load, so it starts at the saved position
+        # Created after the checkpoint load, so it starts at the saved position. Making an iterator draws its base
+        # seed from the global generator: forked, so that a resumed run's RNG states stay those of an uninterrupted one.
+        with torch.random.fork_rng(devices=[]):
+            data_iter = iter(self.dataloader)
         gc_was_enabled = gc.isenabled()
         gc.disable()  # collections at random times stall ranks at different moments; collect on a schedule instead
         stop_watching = None
