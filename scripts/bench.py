@@ -101,8 +101,10 @@ def read_scalars(run_dir: Path) -> dict[int, dict[str, list[tuple[int, float]]]]
     return out
 
 
-def bench_layout(name: str, ranks: int, overrides: dict, args, env_base: dict) -> dict:
-    """One repeat of one layout through run_train.sh; figures after the warm-up steps."""
+def bench_layout(name: str, ranks: int, overrides: dict, args, env_base: dict,
+                 launcher: list[str] | None = None) -> dict:
+    """One repeat of one layout through run_train.sh (or `launcher`, e.g. `python -m trainer.train --job.config_file
+    ...` for one process without torchrun); figures after the warm-up steps."""
     with tempfile.TemporaryDirectory() as dump:
         flags = {"model.flavor": args.flavor, "training.seq_len": args.seq_len,
                  "training.local_batch_size": args.batch, "training.steps": args.warmup + args.steps,
@@ -112,10 +114,13 @@ def bench_layout(name: str, ranks: int, overrides: dict, args, env_base: dict) -
         cli = [a for k, v in flags.items() for a in (f"--{k}", str(v))]
         threads = args.threads or max(1, (os.cpu_count() or 1) // ranks)
         env = {**env_base, "NGPU": str(ranks), "OMP_NUM_THREADS": str(threads)}
-        cmd = [str(ROOT / "run_train.sh"), *cli]
-        proc, wall, busy = run_measured(cmd, env, timeout=args.timeout)
+        launch = launcher or [str(ROOT / "run_train.sh")]
+        proc, wall, busy = run_measured([*launch, *cli], env, timeout=args.timeout)
         shown = [a for k, v in flags.items() if k != "job.dump_folder" for a in (f"--{k}", str(v))]
-        command = f"NGPU={ranks} OMP_NUM_THREADS={threads} ./run_train.sh " + " ".join(shown)
+        launch_text = "./run_train.sh" if launcher is None else " ".join(
+            "python" if a == sys.executable else str(Path(a).relative_to(ROOT)) if a.startswith(str(ROOT)) else a
+            for a in launcher)
+        command = f"NGPU={ranks} OMP_NUM_THREADS={threads} {launch_text} " + " ".join(shown)
         if proc.returncode != 0:
             reason = (proc.stderr.strip().splitlines() or ["failed"])[-1]
             return {"layout": name, "ranks": ranks, "skipped": reason[:300], "command": command}
@@ -133,11 +138,12 @@ def bench_layout(name: str, ranks: int, overrides: dict, args, env_base: dict) -
             "memory_gib_per_rank": memory, "busy_fraction": busy, "wall_s": wall, "command": command}
 
 
-def bench_plain(args, env_base: dict) -> dict:
-    """The baseline: scripts/plain_loop.py on the same model and data, all cores in one process."""
+def bench_plain(args, env_base: dict, extra: list[str] = ()) -> dict:
+    """The baseline: scripts/plain_loop.py on the same model and data, all cores in one process; `extra`: more
+    plain_loop.py arguments (--device, --dtype, --dataset, --compile)."""
     cmd = [sys.executable, str(ROOT / "scripts/plain_loop.py"), "--flavor", args.flavor, "--seq-len",
            str(args.seq_len), "--batch", str(args.batch), "--steps", str(args.warmup + args.steps),
-           "--warmup", str(args.warmup)]
+           "--warmup", str(args.warmup), *extra]
     env = {**env_base, "OMP_NUM_THREADS": str(args.threads or os.cpu_count() or 1)}
     proc, wall, busy = run_measured(cmd, env, timeout=args.timeout)
     if proc.returncode != 0:
@@ -146,7 +152,7 @@ def bench_plain(args, env_base: dict) -> dict:
     return {"layout": "plain PyTorch loop", "ranks": 1, "threads_per_rank": res["threads"], "dp": 1,
             "step_time_median_s": res["step_time_median_s"], "step_time_min_s": res["step_time_median_s"],
             "step_time_max_s": res["step_time_median_s"], "global_tokens_per_step": args.batch * args.seq_len,
-            "memory_gib_per_rank": [res.get("peak_rss_gib", float("nan"))], "busy_fraction": busy, "wall_s": wall,
+            "memory_gib_per_rank": [res.get("memory_gib", float("nan"))], "busy_fraction": busy, "wall_s": wall,
             "command": "python scripts/plain_loop.py " + " ".join(cmd[2:])}
 
 

@@ -41,6 +41,22 @@ def test_published_param_counts(name, flavor, expected, tol):
     assert abs(num_params(get_model_args(name, flavor)) - expected) <= tol
 
 
+# The shapes in the HF config.json of meta-llama/Llama-3.2-1B, Llama-3.2-3B and Llama-3.1-8B: hidden_size,
+# num_hidden_layers, num_attention_heads, num_key_value_heads, intermediate_size, vocab_size, tie_word_embeddings,
+# rope_theta, rope_scaling.factor. 8B-4L is 8B's first 4 layers.
+HF_LLAMA_SHAPES = {"1B": (2048, 16, 32, 8, 8192, 128256, True, 500000.0, 32.0),
+                   "3B": (3072, 28, 24, 8, 8192, 128256, True, 500000.0, 32.0),
+                   "8B": (4096, 32, 32, 8, 14336, 128256, False, 500000.0, 8.0),
+                   "8B-4L": (4096, 4, 32, 8, 14336, 128256, False, 500000.0, 8.0)}
+
+
+@pytest.mark.parametrize("flavor", HF_LLAMA_SHAPES)
+def test_llama3_flavors_have_the_hf_shapes(flavor):
+    a = get_model_args("llama3", flavor)
+    assert (a.dim, a.n_layers, a.n_heads, a.n_kv_heads, a.ffn_hidden_dim, a.vocab_size, a.tie_word_embeddings,
+            a.rope_theta, a.rope_scaling.factor) == HF_LLAMA_SHAPES[flavor]
+
+
 def test_llama3_8b_exact_count():
     assert num_params(get_model_args("llama3", "8B")) == 8_030_261_248
 

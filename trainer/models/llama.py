@@ -111,6 +111,9 @@ FLAVORS: dict[str, dict[str, ModelArgs]] = {
                         rope_scaling=_LLAMA32_ROPE, tie_word_embeddings=True, **_LLAMA3),
         "8B": ModelArgs(dim=4096, n_layers=32, n_heads=32, ffn_dim_multiplier=1.3, multiple_of=1024,
                         rope_scaling=_LLAMA31_ROPE, **_LLAMA3),
+        # 8B's first 4 layers (with its full vocabulary): its layer and logit shapes on one GPU (scripts/gpu_check.py).
+        "8B-4L": ModelArgs(dim=4096, n_layers=4, n_heads=32, ffn_dim_multiplier=1.3, multiple_of=1024,
+                           rope_scaling=_LLAMA31_ROPE, **_LLAMA3),
         "70B": ModelArgs(dim=8192, n_layers=80, n_heads=64, ffn_dim_multiplier=1.3, multiple_of=4096,
                          rope_scaling=_LLAMA31_ROPE, **_LLAMA3),
         "405B": ModelArgs(dim=16384, n_layers=126, n_heads=128, ffn_dim_multiplier=1.2, multiple_of=4096,
