@@ -35,6 +35,7 @@ import argparse
 import json
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -244,7 +245,7 @@ def check_profiler(mode: Mode, env: dict, timeout: float, tmp: Path) -> tuple[bo
     detail = f"trace {traces[0].stat().st_size / 2**20:.1f} MiB"
     if mode.device != "cuda":
         return True, detail + "; memory snapshot: CUDA only, not checked"
-    kernels = trace.count('"cat": "kernel"')
+    kernels = len(re.findall(r'"cat":\s*"kernel"', trace))
     snapshots = sorted(dump.glob("memory_snapshot/iteration_2/rank0_memory_snapshot.pickle"))
     detail += f" with {kernels} GPU kernel events; memory snapshot " + (
         f"{snapshots[0].stat().st_size / 2**20:.1f} MiB" if snapshots else "missing")
