@@ -126,6 +126,13 @@ def trainer_launcher() -> list[str]:
     return [sys.executable, "-m", "trainer.train", "--job.config_file", str(ROOT / "configs/debug_model.toml")]
 
 
+def trainer_overrides(row: Row, mode: Mode, peak: float) -> dict:
+    """The config a trainer row sets on top of scripts/bench.py's (model, seq, batch, steps, dtype, logging)."""
+    return {"training.dataset": "synthetic", "compile.enable": mode.compile, **SELECTIVE_AC,
+            "metrics.peak_flops": peak, "debug.seed": 0, "checkpoint.enable": False,
+            **(mode.float8 if row.precision == "float8" else {})}
+
+
 def run_row(row: Row, mode: Mode, peak: float, env: dict, timeout: float) -> dict:
     """Measure one row in its own process (scripts/bench.py's runners); a failure is the row's result."""
     args = SimpleNamespace(flavor=row.flavor, seq_len=row.seq, batch=row.batch, warmup=mode.warmup,
@@ -139,10 +146,7 @@ def run_row(row: Row, mode: Mode, peak: float, env: dict, timeout: float) -> dic
                      "--peak-flops", str(peak), *(["--compile"] if mode.compile else [])]
             raw = bench_plain(args, env, extra)
         else:
-            overrides = {"training.dataset": "synthetic", "compile.enable": mode.compile, **SELECTIVE_AC,
-                         "metrics.peak_flops": peak, "debug.seed": 0, "checkpoint.enable": False,
-                         **(mode.float8 if row.precision == "float8" else {})}
-            raw = bench_layout(row.name, 1, overrides, args, env, launcher=trainer_launcher())
+            raw = bench_layout(row.name, 1, trainer_overrides(row, mode, peak), args, env, launcher=trainer_launcher())
     except subprocess.TimeoutExpired:
         return {"status": "failed", "reason": f"timed out after {timeout:.0f} s", "wall_s": time.perf_counter() - start}
     if "skipped" in raw:

@@ -2,12 +2,38 @@
 
 import importlib.util
 import json
+import pytest
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+from trainer.config import load_config
+from trainer.dry_run import dry_run
+
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def _gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts/gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_rows_are_valid_configs_for_cuda():
+    # What the GPU run would train, planned for one CUDA device here (DRY_RUN's path): a mistake in a row's settings
+    # shows now, not in the few minutes of GPU time.
+    pytest.importorskip("torchao.float8")
+    gc = _gpu_check()
+    rows = gc.plan_rows(gc.GPU)
+    assert len(rows) == 18 and {(r.seq, r.batch) for r in rows} == {(2048, 8), (8192, 2)}
+    for row in (r for r in rows if r.runner == "trainer"):
+        flags = {"job.config_file": ROOT / "configs/debug_model.toml", "model.flavor": row.flavor,
+                 "training.seq_len": row.seq, "training.local_batch_size": row.batch,
+                 "training.mixed_precision_param": gc.GPU.dtype, **gc.trainer_overrides(row, gc.GPU, 989e12)}
+        cfg = load_config([a for k, v in flags.items() for a in (f"--{k}", str(v))])
+        assert "dry run OK" in dry_run(cfg, 1, target="cuda"), row.name
 
 
 def test_cpu_smoke_run_writes_every_row_and_check(tmp_path):
