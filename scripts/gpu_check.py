@@ -368,7 +368,9 @@ def main() -> int:
     budget = a.budget_s if a.budget_s is not None else mode.budget_s
     start = time.perf_counter()
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
-    env.update(PYTHONPATH=str(ROOT), LOG_RANK="0", HF_HUB_OFFLINE="1")
+    # The repository first, then whatever the caller's path held (packages unpacked beside the system's, say).
+    env.update(PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]), LOG_RANK="0",
+               HF_HUB_OFFLINE="1")
     if mode.device == "cuda":
         env.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")  # as run_train.sh sets it on CUDA
         peak, note, device = H100_H200_BF16_PEAK, "dense bf16 peak of the H100 SXM and H200", gpu_name()
