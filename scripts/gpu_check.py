@@ -322,7 +322,7 @@ def write_outputs(out: Path, meta: dict, rows: list[Row], checks: dict[str, dict
     lines = [f"# GPU check: {meta['device']}", "",
              f"{meta['date']}; torch {meta['torch']}; {meta['mode']}. Synthetic data, {meta['warmup']} warm-up + "
              f"{meta['steps']} measured steps (median step time), about {meta['tokens_per_step']:,} tokens per step; "
-             f"trainer: {meta['trainer_setup']}; plain: {meta['plain_setup']}. MFU against {meta['peak_tflops']:.0f} "
+             f"trainer: {meta['trainer_setup']}; plain: {meta['plain_setup']}. MFU against {meta['peak_tflops']:.4g} "
              f"TFLOP/s ({meta['peak_note']}). Memory: {meta['memory_note']}. Wall time {meta['wall_s']:.0f} s.", "",
              "| model | seq | batch | precision | runner | tokens/s | TFLOP/s | MFU | memory GiB | step ms | "
              "trainer/plain |", "|---|---|---|---|---|---|---|---|---|---|---|"]
