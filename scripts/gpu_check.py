@@ -149,6 +149,9 @@ def run_row(row: Row, mode: Mode, peak: float, env: dict, timeout: float) -> dic
             raw = bench_layout(row.name, 1, trainer_overrides(row, mode, peak), args, env, launcher=trainer_launcher())
     except subprocess.TimeoutExpired:
         return {"status": "failed", "reason": f"timed out after {timeout:.0f} s", "wall_s": time.perf_counter() - start}
+    except Exception as e:  # e.g. a run that ended without its scalars: this row's failure, not the whole run's
+        return {"status": "failed", "reason": f"{type(e).__name__}: {str(e)[:300]}",
+                "wall_s": time.perf_counter() - start}
     if "skipped" in raw:
         return {"status": "failed", "reason": raw["skipped"], "command": raw["command"],
                 "wall_s": time.perf_counter() - start}
