@@ -38,10 +38,12 @@ def cross_entropy_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
 def enable_tf32(device: torch.device) -> None:
     """On CUDA, let float32 matmuls and convolutions use TF32 tensor cores (10-bit mantissa products, fp32
     accumulation): a float32 run, and any fp32 matmul outside the bf16 compute of a mixed-precision one, runs several
-    times faster. torch's default is full fp32 there; CPU math is left alone."""
+    times faster. torch's default is full fp32 there; CPU math is left alone. Through the allow_tf32 switches, whose
+    state torch.get_float32_matmul_precision() reports ("high") to the MFU peak; setting the newer per-backend
+    fp32_precision instead makes that call raise (torch refuses to mix the two APIs)."""
     if device.type == "cuda":
-        torch.backends.cuda.matmul.fp32_precision = "tf32"
-        torch.backends.cudnn.conv.fp32_precision = "tf32"
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
 
 def feature_summary(cfg: JobConfig) -> str:

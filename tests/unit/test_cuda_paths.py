@@ -184,16 +184,20 @@ def test_model_that_cannot_fit_the_gpu_is_refused_before_materializing(monkeypat
     assert "parallelism.data_parallel_shard_degree" in msg and "parallelism.tensor_parallel_degree" in msg
 
 
-def test_tf32_is_enabled_for_cuda_only():
-    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
-    before = matmul.fp32_precision, conv.fp32_precision
+def test_tf32_is_enabled_for_cuda_only(gpu_named):
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    before, cpu_matmuls = (matmul.allow_tf32, cudnn.allow_tf32), torch.backends.mkldnn.matmul.fp32_precision
     try:
         enable_tf32(torch.device("cpu"))
-        assert (matmul.fp32_precision, conv.fp32_precision) == before
+        assert (matmul.allow_tf32, cudnn.allow_tf32) == before
         enable_tf32(CUDA0)
-        assert (matmul.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")
+        assert (matmul.fp32_precision, cudnn.conv.fp32_precision) == ("tf32", "tf32")
+        assert torch.backends.mkldnn.matmul.fp32_precision == cpu_matmuls  # CPU matmuls untouched
+        # The MFU peak of an fp32 run reads the precision back (it raised when the newer API had set it): TF32's.
+        gpu_named("NVIDIA H100 80GB HBM3")
+        assert torch.get_float32_matmul_precision() == "high" and peak_flops(CUDA0, torch.float32, -1) == 494.7e12
     finally:
-        matmul.fp32_precision, conv.fp32_precision = before
+        matmul.allow_tf32, cudnn.allow_tf32 = before
 
 
 def test_batches_copy_to_cuda_without_blocking_and_stay_put_on_cpu():
