@@ -52,9 +52,12 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import torch  # noqa: E402
 
 from bench import bench_layout, bench_plain, read_scalars, summarize  # noqa: E402
+from trainer.metrics import gpu_peak_flops  # noqa: E402
 from trainer.models.llama import flops_per_token, get_model_args  # noqa: E402
 
-H100_H200_BF16_PEAK = 989e12
+# MFU is against one peak on any GPU, so that figures compare: the H100 SXM's and H200's dense bf16 peak, 989.4
+# TFLOP/s, from the trainer's table.
+H100_H200_BF16_PEAK = gpu_peak_flops("NVIDIA H200", torch.bfloat16)
 TOKENIZER = ROOT / "tests/assets/tokenizer"
 FLOAT8 = {"model.converters": "quantize.linear.float8", "quantize.linear.float8.filter_fqns": "output"}
 SELECTIVE_AC = {"activation_checkpoint.mode": "selective", "activation_checkpoint.selective_ac_option": "op"}

@@ -84,7 +84,7 @@ def main() -> None:
     peak = peak_flops(device, getattr(torch, args.dtype), args.peak_flops)
     memory = memory_gib(device)[0]  # peak CUDA reserved memory, or peak RSS on CPU
     print(json.dumps({"runner": "plain_loop", "memory_gib": round(memory, 3), "tokens_per_second": round(tps, 1), "step_time_median_s": step_time,
-                      "mfu_pct": round(100 * fpt * tps / peak, 2), "peak_flops": peak, "threads": torch.get_num_threads(),
+                      "mfu_pct": round(100 * fpt * tps / peak, 2) if peak else None, "peak_flops": peak, "threads": torch.get_num_threads(),
                       "first_loss": losses[0], "last_loss": losses[-1]}))
 
 
