@@ -431,7 +431,9 @@ class QuantizedGroupedMM:
 @dataclass
 class Quantize:
     linear: QuantizedLinear = field(default_factory=QuantizedLinear)
-    """Low-precision training of nn.Linear layers; read only by the converter named in model.converters."""
+    """Low-precision training of nn.Linear layers, read only by the converter model.converters names:
+    quantize.linear.float8 (torchao; emulated on CPU, see the README's Float8 section) or quantize.linear.mx (needs
+    a GPU of compute capability 10.x; refused until torchao's MX API and torchtitan's keys agree again)."""
     grouped_mm: QuantizedGroupedMM = field(default_factory=QuantizedGroupedMM)
     """Low-precision grouped matmuls of mixture-of-experts layers; read only by their converter."""
 
