@@ -10,7 +10,8 @@ import torch.distributed as dist
 
 from trainer.config import ConfigError
 from trainer.parallel_dims import device_type
-from trainer.torch_private import nvshmem_available, set_process_group_timeouts, use_nvshmem_symmetric_memory
+from trainer.torch_private import (abort_process_groups, nvshmem_available, set_process_group_timeouts,
+                                   use_nvshmem_symmetric_memory)
 
 
 @dataclass
@@ -119,13 +120,18 @@ def collective_failure(e: BaseException, rank: int) -> str | None:
 def shutdown(exit_code: int, clean: bool) -> None:
     """End the process without the gloo exit abort: barrier, destroy, flush, os._exit.
 
-    `clean` is False after an error on this rank: a barrier would then wait for ranks that may never come.
-    os._exit skips atexit handlers, so writers must be closed before this.
+    `clean` is False after an error on this rank: a barrier would then wait for ranks that may never come, and on
+    NCCL destroying the groups waits for the collectives still pending (up to the watchdog's 10 minutes), so they
+    are aborted instead. os._exit skips atexit handlers, so writers must be closed before this.
     """
     if dist.is_initialized():
         if clean:
             dist.barrier()
-        dist.destroy_process_group()
+            dist.destroy_process_group()
+        elif dist.get_backend() == "nccl":
+            abort_process_groups()
+        else:  # gloo's collectives fail at once when a peer is gone: nothing to wait for
+            dist.destroy_process_group()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(exit_code)

@@ -44,6 +44,14 @@ def enable_async_tensor_parallel() -> None:
     torch._inductor.config._micro_pipeline_tp = True
 
 
+def abort_process_groups() -> None:
+    """Abort every process group at once, without waiting for collectives still in flight (private
+    `_abort_process_group` in 2.13; destroy_process_group waits on them, on NCCL up to its 10-minute watchdog)."""
+    from torch.distributed.distributed_c10d import _abort_process_group
+
+    _abort_process_group()
+
+
 def init_fake_process_group(rank: int, world_size: int) -> None:
     """A process group whose collectives do nothing, so DRY_RUN can build any rank's real sharded layout in one
     process (torch.testing._internal in 2.13; torchtitan's dry run uses the same)."""

@@ -244,3 +244,26 @@ def test_trainer_and_validation_copy_through_to_device(tmp_path, monkeypatch):
         trainer.close()
     assert tf32 == [torch.device("cpu")]
     assert moved == [torch.device("cpu")] * 2  # one training micro-batch, one validation batch
+
+
+@pytest.mark.parametrize("backend,clean,expected", [("nccl", False, "abort"), ("nccl", True, "destroy"),
+                                                    ("gloo", False, "destroy")])
+def test_shutdown_after_an_error_aborts_nccl_instead_of_waiting(backend, clean, expected, monkeypatch):
+    # destroy_process_group waits for NCCL collectives still pending (up to the 10-minute watchdog): after an
+    # error, NCCL groups are aborted.
+    import trainer.distributed as distributed
+
+    calls = []
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(distributed.dist, "get_backend", lambda *a: backend)
+    monkeypatch.setattr(distributed.dist, "barrier", lambda *a: calls.append("barrier"))
+    monkeypatch.setattr(distributed.dist, "destroy_process_group", lambda *a: calls.append("destroy"))
+    monkeypatch.setattr(distributed, "abort_process_groups", lambda: calls.append("abort"))
+
+    def exit_(code):
+        raise SystemExit(code)
+
+    monkeypatch.setattr(distributed.os, "_exit", exit_)
+    with pytest.raises(SystemExit):
+        distributed.shutdown(1, clean=clean)
+    assert calls[-1] == expected and ("barrier" in calls) == clean

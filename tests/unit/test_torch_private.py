@@ -93,3 +93,9 @@ def test_loader_workers_stop_at_once():
     shutdown_loader_workers(loader)
     assert not any(w.is_alive() for w in workers) and time.monotonic() - start < 2, "loader workers did not stop"
     assert loader._iterator is None
+
+
+def test_process_groups_can_be_aborted():
+    from torch.distributed.distributed_c10d import _abort_process_group
+
+    assert callable(_abort_process_group), "_abort_process_group is gone: update abort_process_groups"
