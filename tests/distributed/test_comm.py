@@ -15,6 +15,7 @@ from tests.distributed.layouts import layout_overrides
 pytestmark = pytest.mark.distributed
 
 
+@pytest.mark.slow
 def test_a_stalled_rank_ends_the_job_within_the_timeout(tmp_path):
     timeout = 5
     ranks, overrides = layout_overrides("dp_shard=2", **{"training.steps": 6, "metrics.log_freq": 1,
@@ -39,6 +40,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_nodes_match_one_node(runs, tmp_path):
     ranks, overrides = layout_overrides("dp_shard=4")
     endpoint = f"127.0.0.1:{_free_port()}"

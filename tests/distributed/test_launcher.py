@@ -44,6 +44,7 @@ def test_default_config_trains_and_logs_every_tag(tmp_path):
     assert steps == list(range(1, 11))
 
 
+@pytest.mark.slow
 def test_two_ranks_only_log_rank_prints(tmp_path):
     proc = launch(tmp_path, 2, "--training.steps", "3", "--training.seq_len", "64", "--training.local_batch_size", "2")
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -15,7 +15,7 @@ MATRIX = [  # (layout, model, slow)
     ("dp_shard=2 x tp=2", "llama3", False),
     ("dp_replicate=2 x dp_shard=2 x tp=2", "llama3", True),  # 8 ranks on 2 cores
     ("tp=2", "smollm", False),
-    ("dp_shard=2 x tp=2", "smollm", False),
+    ("dp_shard=2 x tp=2", "smollm", True),
 ]
 
 pytestmark = pytest.mark.distributed

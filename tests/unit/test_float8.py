@@ -77,9 +77,9 @@ LOSS_ATOL = 0.015
 
 @pytest.mark.parametrize("dtype", [
     "float32",
-    pytest.param("bfloat16", marks=pytest.mark.skipif(
+    pytest.param("bfloat16", marks=[pytest.mark.slow, pytest.mark.skipif(
         not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
-        reason="this CPU has no native bf16 (AVX512-BF16/AMX): bf16 is emulated there and far too slow")),
+        reason="this CPU has no native bf16 (AVX512-BF16/AMX): bf16 is emulated there and far too slow")]),
 ])
 def test_float8_loss_follows_the_run_without_it(dtype):
     _, plain = train("--training.mixed_precision_param", dtype)

@@ -36,6 +36,7 @@ def test_gpu_rows_are_valid_configs_for_cuda():
         assert "dry run OK" in dry_run(cfg, 1, target="cuda"), row.name
 
 
+@pytest.mark.slow  # about 30 s on 2 cores
 def test_cpu_smoke_run_writes_every_row_and_check(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     proc = subprocess.run([sys.executable, str(ROOT / "scripts/gpu_check.py"), "--cpu-smoke", "--out", str(tmp_path),
