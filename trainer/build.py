@@ -207,12 +207,17 @@ def local_param_elements(parts: list[nn.Module]) -> int:
 
 def check_device_memory(plan: RunPlan, parts: list[nn.Module], device: torch.device) -> None:
     """ConfigError, before anything is allocated, when this rank's parameters, gradients and AdamW states alone
-    outgrow the GPU (activations come on top: DRY_RUN estimates them)."""
+    outgrow the GPU (activations come on top: DRY_RUN estimates them). Pipeline stages hold different shares, so
+    the ranks agree on the largest one first: every rank refuses alike, none is left waiting in a collective."""
     local = local_param_elements(parts)
+    if torch.distributed.is_initialized():
+        largest = torch.tensor([local], dtype=torch.int64, device=device)
+        torch.distributed.all_reduce(largest, op=torch.distributed.ReduceOp.MAX)
+        local = int(largest.item())
     need, have = local * TRAINING_STATE_BYTES_PER_PARAM, torch.cuda.get_device_properties(device).total_memory
     if need > have:
         cfg = plan.cfg
-        raise ConfigError(f"model {cfg.model.name} {cfg.model.flavor}: this rank's parameters, gradients and AdamW "
+        raise ConfigError(f"model {cfg.model.name} {cfg.model.flavor}: the fullest rank's parameters, gradients and AdamW "
                           f"states need {need / 2**30:.1f} GiB ({TRAINING_STATE_BYTES_PER_PARAM} bytes x {local:,} "
                           f"local elements) but {device} has {have / 2**30:.1f} GiB; shard it over more GPUs: NGPU "
                           f"with parallelism.data_parallel_shard_degree, parallelism.tensor_parallel_degree or "
@@ -223,7 +228,8 @@ def build_model(plan: RunPlan, device: torch.device,
                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
                 init: bool = True) -> ModelParts:
     """This rank's model: built on meta, converted (model.converters), cut into its pipeline stages, parallelized,
-    and (with `init`) materialized on `device` with the run's seed. The mesh must be built (plan.dims.build_mesh) when the world has several ranks.
+    and (with `init`) materialized on `device` with the run's seed. The mesh must be built (plan.dims.build_mesh)
+    when the world has several ranks.
 
     `loss_fn(logits, labels)`: the loss of one local batch, which the pipeline schedule calls on the last stage.
     init=False leaves the weights on meta (DRY_RUN counts them without allocating).
