@@ -217,11 +217,11 @@ def check_device_memory(plan: RunPlan, parts: list[nn.Module], device: torch.dev
     need, have = local * TRAINING_STATE_BYTES_PER_PARAM, torch.cuda.get_device_properties(device).total_memory
     if need > have:
         cfg = plan.cfg
-        raise ConfigError(f"model {cfg.model.name} {cfg.model.flavor}: the fullest rank's parameters, gradients and AdamW "
-                          f"states need {need / 2**30:.1f} GiB ({TRAINING_STATE_BYTES_PER_PARAM} bytes x {local:,} "
-                          f"local elements) but {device} has {have / 2**30:.1f} GiB; shard it over more GPUs: NGPU "
-                          f"with parallelism.data_parallel_shard_degree, parallelism.tensor_parallel_degree or "
-                          f"parallelism.pipeline_parallel_degree")
+        raise ConfigError(f"model {cfg.model.name} {cfg.model.flavor}: the fullest rank's parameters, gradients and "
+                          f"AdamW states need {need / 2**30:.1f} GiB ({TRAINING_STATE_BYTES_PER_PARAM} bytes x "
+                          f"{local:,} local elements) but {device} has {have / 2**30:.1f} GiB; shard it over more "
+                          f"GPUs: NGPU with parallelism.data_parallel_shard_degree, parallelism.tensor_parallel_degree "
+                          f"or parallelism.pipeline_parallel_degree")
 
 
 def build_model(plan: RunPlan, device: torch.device,
