@@ -41,7 +41,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.checkpoint.stateful import Stateful
 
 from trainer.checkpoint_files import (MARKER, STEP_RE, checkpoint_folder, complete_steps, folder_bytes, plan_load,
-                                      write_marker)
+                                      read_marker, write_marker)
+from trainer.checkpoint_integrity import ChecksummedWriter, check_file, files_to_check, metadata_record
 from trainer.config import ConfigError, JobConfig
 from trainer.data.dataloader import resume_position, saved_workers
 from trainer.weights import check_model_fits, load_hf_weights, save_hf_weights
@@ -89,6 +90,11 @@ class _PendingSave:
     start: float
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be written or loaded (a full disk, a corrupt folder): every rank raises it alike,
+    and the run ends with its one line, like a mistake in the config."""
 
 
 class ModelPartsView(nn.Module):
@@ -144,7 +150,8 @@ class Checkpointer:
             else:
                 log("checkpoint: async_with_pinned_mem stages into pinned memory for CUDA copies; on CPU it is async")
         if dist.is_initialized() and dist.get_backend() != "gloo":
-            self._flag_pg = dist.new_group(backend="gloo")  # agree on a stop signal without a device sync
+            # agree on a stop signal and on checkpoint decisions without a device sync
+            self._flag_pg = dist.new_group(backend="gloo")
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._old_handlers[sig] = signal.signal(sig, self._on_signal)
@@ -159,8 +166,17 @@ class Checkpointer:
             self.close()  # the run ends here: give SIGTERM/SIGINT back their usual meaning
             raise
 
+    def _plan(self) -> tuple:
+        """Rank 0: the checkpoint to load (plan_load), and the complete ones before it, newest first, to fall back
+        to when it turns out corrupt (only when resuming without a load_step)."""
+        plan = plan_load(self.cfg)
+        if plan is None or not plan.resume or self.c.load_step >= 0:
+            return plan, []
+        steps = complete_steps(self.folder)
+        return plan, [steps[s] for s in sorted(steps, reverse=True) if steps[s] != plan.path]
+
     def _load(self) -> None:
-        plan = self._on_rank0(lambda: plan_load(self.cfg))  # which checkpoint: read from disk once, by rank 0
+        plan, older = self._on_rank0(self._plan, "choosing the checkpoint to load")  # read from disk once, by rank 0
         if plan is None:
             return
         start = time.perf_counter()
@@ -171,11 +187,56 @@ class Checkpointer:
                 raise ConfigError(f"checkpoint.initial_load_path = {str(plan.path)!r}: {e}") from None
             parts = ["model (HF)"]
         else:
+            while (problem := self._verify(plan.path)) is not None:
+                if not older:
+                    fix = "set checkpoint.load_step to another complete step, or -1 for the newest that loads" if self.c.load_step >= 0 else \
+                        f"move it out of {self.folder} to start from checkpoint.initial_load_path or from scratch"
+                    raise CheckpointError(f"checkpoint {plan.path} is corrupt: {problem}; {fix}")
+                self._set_aside(plan.path, problem, older[0])
+                plan.path = older.pop(0)
             parts = ["model"] if plan.model_only else \
                 [p for p in self._parts() if p not in self.c.exclude_from_loading]
             parts = self._load_dcp(plan.path, parts)
         self.log(f"checkpoint: {'resumed from' if plan.resume else 'initial load from'} {plan.path} "
                  f"({', '.join(parts)}) in {time.perf_counter() - start:.2f}s")
+
+    def _verify(self, path: Path) -> str | None:
+        """What makes the DCP checkpoint at `path` unloadable, or None. Rank 0 reads its metadata; the ranks then
+        split its data files and check sizes and CRC-32s (each reads about 1/world of the checkpoint)."""
+        def listing():
+            files, problem = files_to_check(path)
+            return files, problem, bool((read_marker(path) or {}).get("checksums"))
+
+        files, problem, checksums = self._on_rank0(listing, f"checking {path}")
+        if problem is not None:
+            return problem
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        found = []
+        for name, needed in files[self.rank::world]:
+            try:
+                found.append(check_file(path, name, needed, checksums))
+            except OSError as e:
+                found.append(f"{name} cannot be read ({type(e).__name__}: {e})")
+        found = [p for p in found if p]
+        if dist.is_initialized():
+            every = [None] * world
+            dist.all_gather_object(every, found, group=self._flag_pg)
+            found = [p for rank_found in every for p in rank_found]
+        return None if not found else found[0] + (f" (and {len(found) - 1} more files)" if len(found) > 1 else "")
+
+    def _set_aside(self, path: Path, problem: str, older: Path) -> None:
+        """A complete checkpoint found corrupt is renamed step-N.corrupt (kept for a look, never loaded or deleted
+        by us), so that the run can save step N again; the resume falls back to `older`."""
+        def rename():
+            target, n = path.with_name(path.name + ".corrupt"), 1
+            while target.exists():
+                n += 1
+                target = path.with_name(f"{path.name}.corrupt{n}")
+            path.rename(target)
+            return target
+
+        target = self._on_rank0(rename, f"setting aside {path}")
+        self.log(f"checkpoint: {path} is corrupt ({problem}); moved to {target.name}, resuming from {older} instead")
 
     def _load_dcp(self, path: Path, parts: list[str]) -> list[str]:
         try:
@@ -289,33 +350,36 @@ class Checkpointer:
         (where another rank may not see rank 0's marker yet) and tells the others."""
         if path in self._saved:
             return False
-        complete = self._on_rank0(lambda: (path / MARKER).is_file())
-        if complete:
-            self.log(f"checkpoint: {path} is complete already; not overwritten")
-            return False
-        if self.rank == 0:
+
+        def claim() -> bool:
+            if (path / MARKER).is_file():
+                return False
             shutil.rmtree(path, ignore_errors=True)
             path.mkdir(parents=True)
-        if dist.is_initialized():
-            dist.barrier()
-        return True
+            return True
 
-    @staticmethod
-    def _on_rank0(decide):
-        """`decide()` evaluated on rank 0 and broadcast, so every rank acts on the same answer. A ConfigError
-        raised there is raised on every rank."""
-        if not dist.is_initialized():
-            return decide()
+        claimed = self._on_rank0(claim, f"preparing {path}")  # the broadcast is also the barrier after mkdir
+        if not claimed:
+            self.log(f"checkpoint: {path} is complete already; not overwritten")
+        return claimed
+
+    def _on_rank0(self, decide, what: str):
+        """`decide()` evaluated on rank 0 and broadcast (on gloo), so every rank acts on the same answer. What it
+        raises there is raised on every rank: a ConfigError as it is, anything else as a CheckpointError naming
+        `what` and the cause; no rank is left waiting in a collective for one that failed."""
         box = [None]
-        if dist.get_rank() == 0:
+        if self.rank == 0:
             try:
                 box[0] = ("ok", decide())
             except ConfigError as e:
-                box[0] = ("error", str(e))
-        dist.broadcast_object_list(box, src=0)
+                box[0] = (type(e), str(e))
+            except Exception as e:
+                box[0] = (CheckpointError, f"checkpoint: {what} failed: {_cause(e)}")
+        if dist.is_initialized():
+            dist.broadcast_object_list(box, src=0, group=self._flag_pg)
         kind, value = box[0]
-        if kind == "error":
-            raise ConfigError(value)
+        if kind != "ok":
+            raise kind(value)
         return value
 
     def _save_full(self, step: int, asynchronous: bool) -> None:
@@ -325,14 +389,16 @@ class Checkpointer:
             return
         start, state, info = time.perf_counter(), self._state_dict(), self._info(step, False, "dcp")
         if not asynchronous:
-            dcp.save(state, checkpoint_id=str(path))
+            try:
+                dcp.save(state, storage_writer=ChecksummedWriter(str(path)))
+            except CheckpointException as e:  # raised on every rank, whichever rank's write failed
+                raise self._save_failed(path, e) from None
             # dcp.save returns on rank 0 only after every rank's write results reached it and .metadata is written.
-            if self.rank == 0:
-                self._complete(path, info, start)
+            self._on_rank0(lambda: self._complete(path, info, start), f"completing {path}")
             self._saved.add(path)
             return
         # The state is copied to fresh CPU memory (staged) before async_save returns, so training may go on.
-        future = dcp.async_save(state, checkpoint_id=str(path), process_group=self._async_pg,
+        future = dcp.async_save(state, storage_writer=ChecksummedWriter(str(path)), process_group=self._async_pg,
                                 async_stager=self._stager)
         self._pending = pending = _PendingSave(future, path, info, start)
         self._saved.add(path)
@@ -353,9 +419,17 @@ class Checkpointer:
         finally:
             pending.done.set()
 
+    def _save_failed(self, path: Path, e: BaseException) -> CheckpointError:
+        newest = complete_steps(self.folder)
+        kept = f"{newest[max(newest)]} is the newest complete checkpoint" if newest else "no complete checkpoint"
+        return CheckpointError(f"checkpoint: saving {path} failed ({_cause(e)}); it is left unmarked and is never "
+                               f"loaded ({kept}); free space or fix the storage under {self.folder}, then resume")
+
     def _complete(self, path: Path, info: dict, start: float, purge: bool = True) -> None:
         """Rank 0: write the marker, then delete what keep_latest_k no longer keeps."""
         size = folder_bytes(path)
+        if (path / ".metadata").is_file():
+            info = {**info, **metadata_record(path)}
         write_marker(path, {**info, "bytes": size, "save_seconds": round(time.perf_counter() - start, 3)})
         self.log(f"checkpoint: saved {path} ({size / 2**20:.1f} MiB) in {time.perf_counter() - start:.2f}s")
         if purge and self.c.keep_latest_k > 0:
@@ -378,25 +452,35 @@ class Checkpointer:
             save_hf_weights(self.model, path, self.model_args, dtype)  # rank 0 writes every file
         else:
             model_sd = {name: value.to(dtype) for name, value in get_model_state_dict(self.model).items()}
-            dcp.save({"model": model_sd}, checkpoint_id=str(path))
-        if self.rank == 0:
-            self._complete(path, self._info(step, True, "hf" if self.c.last_save_in_hf else "dcp"), start,
-                           purge=False)
+            try:
+                dcp.save({"model": model_sd}, storage_writer=ChecksummedWriter(str(path)))
+            except CheckpointException as e:
+                raise self._save_failed(path, e) from None
+        info = self._info(step, True, "hf" if self.c.last_save_in_hf else "dcp")
+        self._on_rank0(lambda: self._complete(path, info, start, purge=False), f"completing {path}")
         self._saved.add(path)
 
     def wait(self) -> None:
-        """Block until the async save in flight, if any, is complete on every rank; raise if it failed."""
+        """Block until the async save in flight, if any, is complete on every rank; raise on every rank if it
+        failed on any (the write on some rank, or rank 0's marker)."""
         pending, self._pending = self._pending, None
         if pending is None:
             return
+        failure = None
         try:
             pending.future.result()
         except BaseException as e:
-            raise RuntimeError(f"checkpoint: async save of {pending.path} failed: {_cause(e)}") from e
+            failure = e
         pending.done.wait()
-        if pending.error is not None:
-            raise RuntimeError(f"checkpoint: completing {pending.path} failed: {_cause(pending.error)}") \
-                from pending.error
+        failure = failure or pending.error
+        if dist.is_initialized():  # the writer threads are done: the flag group is free
+            every = [None] * dist.get_world_size()
+            dist.all_gather_object(every, failure and _cause(failure), group=self._flag_pg)
+            cause = next((c for c in every if c), None)
+        else:
+            cause = failure and _cause(failure)
+        if cause is not None:
+            raise self._save_failed(pending.path, RuntimeError(cause))
 
     # --- stop signals ------------------------------------------------------------------------------------------
 

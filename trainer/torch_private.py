@@ -172,3 +172,13 @@ def shutdown_loader_workers(loader) -> None:
     if iterator is not None and hasattr(iterator, "_shutdown_workers"):
         iterator._shutdown_workers()
     loader._iterator = None
+
+
+def storage_extents(metadata) -> dict[str, int]:
+    """file name -> the bytes it must hold at least, for every data file a DCP checkpoint's `.metadata` refers to.
+    Reads `Metadata.storage_data`, whose values are the private `_StorageInfo` (relative_path, offset, length) of
+    FileSystemWriter in 2.13; torch has no public listing of a checkpoint's files."""
+    extents: dict[str, int] = {}
+    for info in metadata.storage_data.values():
+        extents[info.relative_path] = max(extents.get(info.relative_path, 0), info.offset + info.length)
+    return extents

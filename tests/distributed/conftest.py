@@ -1,10 +1,6 @@
-"""Fixtures of the multi-process tests: the worker pool, and every training run cached by what it ran."""
+"""The order of the multi-process tests (their fixtures, the pool and the cached runs, are in tests/conftest.py)."""
 
-import pytest
-import torch
-
-from tests.distributed.layouts import LAYOUTS, layout_overrides
-from tests.distributed.pool import WorkerPool
+from tests.distributed.layouts import LAYOUTS
 
 
 def pytest_collection_modifyitems(items):
@@ -15,44 +11,3 @@ def pytest_collection_modifyitems(items):
         return layout in LAYOUTS and LAYOUTS[layout][0] > 8
 
     items.sort(key=widest)  # stable: everything else keeps its order
-
-
-@pytest.fixture(scope="session")
-def pool(tmp_path_factory):
-    """Workers kept alive across the session, one torchrun launch per world size (tests/distributed/pool.py)."""
-    workers = WorkerPool(tmp_path_factory.mktemp("pool"))
-    yield workers
-    workers.close()
-
-
-class Runs:
-    """Runs of `job` (tests/distributed/jobs.py) by (layout, model, extra settings), each made once per session.
-
-    The 1-process reference of every parity matrix is `runs.steps("1 process")`; an identical run asked for by
-    two test files is one run."""
-
-    def __init__(self, pool: WorkerPool, folder):
-        self.pool, self.folder, self.cache = pool, folder, {}
-
-    def run(self, job: str, layout: str, model: str = "llama3", argv: list[str] = (), **extra) -> tuple[dict, str]:
-        """(rank 0's result, rank 0's stdout); `extra` settings by dotted key, e.g. {"compile.enable": True}."""
-        key = (job, layout, model, tuple(argv), tuple(sorted(extra.items())))
-        if key not in self.cache:
-            ranks, overrides = layout_overrides(layout, model, **extra)
-            out = self.folder / f"run{len(self.cache)}.pt"
-            result = self.pool.run(ranks, job, out, [*argv, *overrides])
-            assert result.returncode == 0, (f"{job} {layout} ({model}, {extra}) failed:\n{result.stdout[-3000:]}\n"
-                                            f"{result.stderr[-6000:]}")
-            self.cache[key] = torch.load(out, weights_only=True), result.stdout
-        return self.cache[key]
-
-    def steps(self, layout: str, model: str = "llama3", **extra) -> dict:
-        """A parity run: losses and grad norms of every step, params after step 1 (jobs.steps)."""
-        got, _ = self.run("steps", layout, model, **extra)
-        assert got["world_size"] == LAYOUTS[layout][0]
-        return got
-
-
-@pytest.fixture(scope="session")
-def runs(pool, tmp_path_factory):
-    return Runs(pool, tmp_path_factory.mktemp("runs"))

@@ -183,6 +183,16 @@ def broken_copy(saved_run: Path, tmp_path: Path, damage) -> Path:
     return tmp_path
 
 
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def flip_bit(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10  # in the middle of the tensors: it loads, but wrong, where nothing checks
+    path.write_bytes(bytes(data))
+
+
 def drop_model_name(step: Path) -> None:
     marker = json.loads((step / MARKER).read_text())
     del marker["model"]
@@ -194,11 +204,19 @@ BAD_CHECKPOINTS = {  # name -> (damage to step-2, overrides of the loading run, 
                                  ["saved from model llama3 debugmodel", "this run is llama2 debugmodel"]),
     "other model, other shapes": (drop_model_name, ["--model.name", "smollm"],
                                   ["does not fit model smollm debugmodel", "layers.0.attention.wk.weight"]),
-    "data file missing": (lambda step: (step / "__0_0.distcp").unlink(), [], ["could not be read", "corrupt"]),
-    "truncated data file": (lambda step: (step / "__0_0.distcp").write_bytes(b"x" * 100), [],
-                            ["could not be read", "corrupt"]),
+    "data file missing": (lambda step: (step / "__0_0.distcp").unlink(), [],
+                          ["step-2 is corrupt: __0_0.distcp is missing", "move it out of"]),
+    "truncated data file": (lambda step: truncate(step / "__0_0.distcp"), [],
+                            ["step-2 is corrupt: __0_0.distcp is truncated", "the metadata needs"]),
+    "a flipped bit in a data file": (lambda step: flip_bit(step / "__0_0.distcp"), [],
+                                     ["step-2 is corrupt: __0_0.distcp does not match its CRC-32"]),
     "metadata corrupt": (lambda step: (step / ".metadata").write_bytes(b"garbage"), [],
-                         ["unreadable DCP metadata", "corrupt"]),
+                         ["step-2 is corrupt: .metadata does not match its CRC-32"]),
+    "metadata missing": (lambda step: (step / ".metadata").unlink(), [], ["step-2 is corrupt: .metadata is missing"]),
+    "a marker without data": (lambda step: [f.unlink() for f in step.iterdir() if f.name != MARKER], [],
+                              ["step-2 is corrupt: .metadata is missing"]),
+    "checksum of a data file missing": (lambda step: (step / "__0_0.distcp.crc32").unlink(), [],
+                                        ["__0_0.distcp.crc32 is missing or unreadable"]),
 }
 
 
@@ -209,6 +227,27 @@ def test_bad_checkpoint_is_a_one_line_error(name, saved_run, tmp_path):
     with pytest.raises(ConfigError) as e:
         Trainer(config(dump, "--training.steps", "3", *overrides))
     assert "\n" not in str(e.value) and all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_one_before(saved_run, tmp_path, capsys):
+    folder = tmp_path / "checkpoint"
+    shutil.copytree(saved_run / "checkpoint", folder)
+    shutil.copytree(folder / "step-2", folder / "step-4")  # a newer complete checkpoint, then a bit flips in it
+    flip_bit(folder / "step-4/__0_0.distcp")
+    pinned = config(tmp_path, "--training.steps", "5", "--checkpoint.load_step", "4")
+    with pytest.raises(ConfigError, match=r"step-4 is corrupt: __0_0.distcp does not match its CRC-32 .*; set "
+                                          r"checkpoint.load_step to another complete step, or -1 for the newest"):
+        Trainer(pinned)
+    capsys.readouterr()
+    trainer = Trainer(config(tmp_path, "--training.steps", "5"))  # load_step unset: the newest that loads
+    trainer.close()
+    out = capsys.readouterr().out
+    assert trainer.step == 2 and f"resumed from {folder / 'step-2'} " in out
+    assert f"{folder / 'step-4'} is corrupt (__0_0.distcp does not match its CRC-32 (changed on disk since the " \
+           f"save)); moved to step-4.corrupt, " \
+           f"resuming from {folder / 'step-2'} instead" in out
+    # kept for a look, out of the way: the run can save step 4 again, and the next resume does not trip on it
+    assert sorted(p.name for p in folder.iterdir()) == ["export", "step-2", "step-4.corrupt"]
 
 
 def test_model_only_save_is_no_resume_point(saved_run, tmp_path):
@@ -229,7 +268,7 @@ def test_entry_point_prints_one_line_and_exits_2(saved_run, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "trainer.train", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert proc.returncode == 2 and len(errors) == 1 and "could not be read" in errors[0], proc.stderr
+    assert proc.returncode == 2 and len(errors) == 1 and "is corrupt: __0_0.distcp is missing" in errors[0], proc.stderr
     assert "Traceback" not in proc.stderr
 
 

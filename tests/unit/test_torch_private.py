@@ -99,3 +99,14 @@ def test_process_groups_can_be_aborted():
     from torch.distributed.distributed_c10d import _abort_process_group
 
     assert callable(_abort_process_group), "_abort_process_group is gone: update abort_process_groups"
+
+
+def test_checkpoint_storage_extents(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    from trainer.torch_private import storage_extents
+
+    dcp.save({"a": torch.zeros(100), "b": torch.ones(3, 7)}, checkpoint_id=str(tmp_path))
+    extents = storage_extents(dcp.FileSystemReader(str(tmp_path)).read_metadata())
+    assert list(extents) == ["__0_0.distcp"]  # one file per rank, every item in it
+    assert 100 * 4 + 21 * 4 <= extents["__0_0.distcp"] <= (tmp_path / "__0_0.distcp").stat().st_size
