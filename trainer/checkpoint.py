@@ -392,7 +392,7 @@ class Checkpointer:
             try:
                 dcp.save(state, storage_writer=ChecksummedWriter(str(path)))
             except CheckpointException as e:  # raised on every rank, whichever rank's write failed
-                raise self._save_failed(path, e) from None
+                raise self._save_failed(path, _cause(e)) from None
             # dcp.save returns on rank 0 only after every rank's write results reached it and .metadata is written.
             self._on_rank0(lambda: self._complete(path, info, start), f"completing {path}")
             self._saved.add(path)
@@ -419,11 +419,14 @@ class Checkpointer:
         finally:
             pending.done.set()
 
-    def _save_failed(self, path: Path, e: BaseException) -> CheckpointError:
+    def _save_failed(self, path: Path, cause: str) -> CheckpointError:
         newest = complete_steps(self.folder)
         kept = f"{newest[max(newest)]} is the newest complete checkpoint" if newest else "no complete checkpoint"
-        return CheckpointError(f"checkpoint: saving {path} failed ({_cause(e)}); it is left unmarked and is never "
-                               f"loaded ({kept}); free space or fix the storage under {self.folder}, then resume")
+        # A full disk shows as ENOSPC, or as a torch.save "unexpected pos" error when it fills inside a pickle.
+        free = shutil.disk_usage(self.folder).free / 2**20 if self.folder.exists() else float("nan")
+        return CheckpointError(f"checkpoint: saving {path} failed ({cause}); it is left unmarked and is never "
+                               f"loaded ({kept}); {free:.0f} MiB are free there: free space or fix the storage "
+                               f"under {self.folder}, then resume")
 
     def _complete(self, path: Path, info: dict, start: float, purge: bool = True) -> None:
         """Rank 0: write the marker, then delete what keep_latest_k no longer keeps."""
@@ -455,7 +458,7 @@ class Checkpointer:
             try:
                 dcp.save({"model": model_sd}, storage_writer=ChecksummedWriter(str(path)))
             except CheckpointException as e:
-                raise self._save_failed(path, e) from None
+                raise self._save_failed(path, _cause(e)) from None
         info = self._info(step, True, "hf" if self.c.last_save_in_hf else "dcp")
         self._on_rank0(lambda: self._complete(path, info, start, purge=False), f"completing {path}")
         self._saved.add(path)
@@ -480,7 +483,7 @@ class Checkpointer:
         else:
             cause = failure and _cause(failure)
         if cause is not None:
-            raise self._save_failed(pending.path, RuntimeError(cause))
+            raise self._save_failed(pending.path, cause)
 
     # --- stop signals ------------------------------------------------------------------------------------------
 

@@ -11,10 +11,15 @@
                    whole, just before anything after it)
     purge          keep_latest_k deleting an older checkpoint after step N's save      0       purging
 
+    disk_full      not a kill: from step N's save on, every data file write on the rank (RANK -1: on every rank)
+                   fails with ENOSPC halfway through, as on a full disk
+
 Rank 0 also appends each step whose marker it wrote to a journal: what was complete when the rank died, which the
 harness compares with what the disk holds afterwards.
 """
 
+import contextlib
+import errno
 import os
 import shutil
 import signal
@@ -22,12 +27,14 @@ from pathlib import Path
 
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.filesystem import FileSystem
 
 import trainer.checkpoint as checkpoint_module
 from trainer.checkpoint_integrity import ChecksummedWriter
 from trainer.train import LoopObserver
 
 KINDS = ("forward", "backward", "optimizer", "sync_save", "async_staging", "async_write", "marker", "purge")
+OTHER_KINDS = ("disk_full",)
 SAVE_KINDS = {"sync_save", "async_staging", "async_write", "marker", "purge"}
 
 
@@ -40,14 +47,14 @@ class FaultInjector(LoopObserver):
 
     def __init__(self, spec: str, journal: str):
         kind, rank, step, self.variant = spec.split(":")
-        assert kind in KINDS, kind
+        assert kind in KINDS + OTHER_KINDS, kind
         self.kind, self.rank, self.step, self.journal = kind, int(rank), int(step), Path(journal)
         self.training = 1  # the step being trained
         self.saving = 0  # the newest step handed to the checkpointer
         self._patch()
 
     def _here(self) -> bool:
-        return (dist.get_rank() if dist.is_initialized() else 0) == self.rank
+        return self.rank == -1 or (dist.get_rank() if dist.is_initialized() else 0) == self.rank
 
     def _armed(self, kind: str, step: int) -> bool:
         return self.kind == kind and step >= self.step and self._here()
@@ -112,6 +119,29 @@ class FaultInjector(LoopObserver):
                 die()
             return rmtree(path, *args, **kwargs)
 
+        class FullDiskStream:
+            """A file on a full disk: the first write goes halfway, then ENOSPC."""
+
+            def __init__(self, stream):
+                self.stream = stream
+
+            def write(self, data) -> int:
+                data = memoryview(data).cast("B")
+                self.stream.write(data[: len(data) // 2])
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+            def __getattr__(self, name):
+                return getattr(self.stream, name)
+
+        create_stream = FileSystem.create_stream
+
+        @contextlib.contextmanager
+        def full_disk_stream(fs, path, mode):
+            with create_stream(fs, path, mode) as stream:
+                full = "w" in mode and Path(path).suffix == ".distcp" and injector._armed("disk_full", injector.saving)
+                yield FullDiskStream(stream) if full else stream
+
+        FileSystem.create_stream = full_disk_stream
         ChecksummedWriter.write_data = faulty_write_data
         dcp.FileSystemWriter.stage = faulty_stage
         checkpoint_module.write_marker = journaled_write_marker
