@@ -34,5 +34,19 @@ if [[ -z "${OMP_NUM_THREADS:-}" ]]; then
   cores="$(nproc 2>/dev/null || echo 1)"
   export OMP_NUM_THREADS=$(( cores / NGPU > 0 ? cores / NGPU : 1 ))
 fi
-exec "$PYTHON" -m torch.distributed.run --standalone --nnodes=1 --nproc-per-node="$NGPU" \
-  -m trainer.train --job.config_file "$CONFIG_FILE" "$@"
+# SIGTERM/SIGINT to this script (a scheduler stopping the job, kill, k8s) go to the ranks only: each finishes its
+# step, saves and exits 0, and so do torchrun and this script. (torchrun signalled itself forwards the signal, gives
+# the ranks --shutdown-timeout / TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds, 30 by default, then SIGKILLs them, and
+# exits 1 whatever they did; a save cut short there is never marked complete.)
+"$PYTHON" -m torch.distributed.run --standalone --nnodes=1 --nproc-per-node="$NGPU" \
+  -m trainer.train --job.config_file "$CONFIG_FILE" "$@" &
+agent=$!
+to_ranks() { pkill "-$1" -P "$agent" 2>/dev/null || kill "-$1" "$agent" 2>/dev/null || true; }
+trap 'to_ranks TERM' TERM
+trap 'to_ranks INT' INT
+code=0
+while true; do
+  wait "$agent" && code=0 || code=$?
+  kill -0 "$agent" 2>/dev/null || break  # a trapped signal ends `wait` early: wait again until torchrun exits
+done
+exit "$code"
