@@ -2,6 +2,7 @@
 
 import os
 import sys
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -104,7 +105,8 @@ def set_timeouts(seconds: int, device: torch.device) -> None:
 
 
 def collective_failure(e: BaseException, rank: int) -> str | None:
-    """One line for a collective that timed out or lost a peer (a rank stalled or died), else None (a bug)."""
+    """One line for a collective that timed out or lost a peer (a rank stalled or died), naming the ranks that
+    did not report the failure too (absent_ranks), else None (a bug)."""
     text = str(e)
     if "imed out" in text or "Timeout" in text:
         what = "a collective timed out on this rank: another rank stalled or died (limits: comm.init_timeout_seconds, "\
@@ -114,7 +116,37 @@ def collective_failure(e: BaseException, rank: int) -> str | None:
     else:
         return None
     first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+    absent = absent_ranks(rank)
+    if absent:
+        if len(absent) == 1:
+            what += f"; rank {absent[0]} did not report it: that rank died or hangs (see its log)"
+        else:  # a rank blocked in a collective with a surviving rank only learns when that one exits
+            what += (f"; ranks {', '.join(map(str, absent))} did not report it in 5 s: the rank that died or hangs "
+                     f"is among them (see their logs)")
     return f"rank {rank}: {what} [{type(e).__name__}: {first[:200]}]"
+
+
+def absent_ranks(rank: int, grace: float = 5.0) -> list[int] | None:
+    """After a failed collective: the ranks that did not also report a failure within `grace` seconds, i.e. those
+    that died or hang. Each failing rank writes a key into the rendezvous store (torchrun's agent hosts it, so it
+    outlives any rank; without torchrun rank 0 does) and reads the others'. With one rank missing and the rest in,
+    there is nothing more to wait for. None when the store cannot be reached or there is no process group."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1 or "MASTER_ADDR" not in os.environ:
+        return None
+    prefix = f"trainer/failed/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+    try:
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                              timeout=timedelta(seconds=grace), wait_for_workers=False)
+        store.set(f"{prefix}{rank}", "1")
+        deadline = time.monotonic() + grace
+        while True:
+            missing = [r for r in range(world) if not store.check([f"{prefix}{r}"])]
+            if len(missing) <= 1 or time.monotonic() > deadline:
+                return missing
+            time.sleep(0.1)
+    except Exception:  # the store went down with the rank that hosted it
+        return None
 
 
 def shutdown(exit_code: int, clean: bool) -> None:

@@ -28,6 +28,7 @@ def test_a_stalled_rank_ends_the_job_within_the_timeout(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error: rank 0:")]
     assert len(lines) == 1, proc.stderr[-4000:]
     assert "timed out" in lines[0] and "comm.train_timeout_seconds" in lines[0], lines[0]
+    assert "rank 1 did not report it: that rank died or hangs" in lines[0], lines[0]  # the stalled rank
     assert "Traceback" not in proc.stderr.split("error: rank 0:")[0], proc.stderr[-4000:]  # (torchrun's own follows)
     # Start-up and the first two steps take a few seconds; then rank 0 waits `timeout` s, not the 300 s stall.
     assert elapsed < 120, elapsed

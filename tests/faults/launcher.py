@@ -1,6 +1,7 @@
 """A launcher for runs that lose ranks. One process imports torch and the trainer once, then per launch forks the
-ranks of one job with torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR, a fresh MASTER_PORT) and supervises
-them as torchrun's agent does: when a rank dies, the others get SIGTERM, and SIGKILL after GRACE seconds. It
+ranks of one job with torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR, a fresh MASTER_PORT) and a process
+that hosts their rendezvous store (as torchrun's agent does: it outlives any rank), and supervises them as the
+agent does: when a rank dies, the others get SIGTERM, and SIGKILL after GRACE seconds. It
 reports every rank's exit status (-9 for a SIGKILL). Unlike a pool (tests/distributed/pool.py) it outlives its
 ranks, so a run that loses one costs a fork, not an interpreter start per rank.
 
@@ -39,7 +40,7 @@ def _rank(rank: int, world: int, port: int, job: dict, base: str) -> None:
     sys.stderr = os.fdopen(2, "w", buffering=1, closefd=False)
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "GROUP_RANK": "0", "WORLD_SIZE": str(world),
                        "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-                       **job.get("env", {})})
+                       "TORCHELASTIC_USE_AGENT_STORE": "True", **job.get("env", {})})
     code = 1
     try:
         dist.init_process_group("gloo", timeout=timedelta(seconds=job.get("timeout", 300)))
@@ -53,6 +54,16 @@ def _launch(job: dict, base: str) -> list[int]:
     from tests.distributed.worker import _free_port
 
     world, port = job["ranks"], _free_port()
+    store = os.fork()
+    if store == 0:  # the rendezvous store, hosted outside the ranks as torchrun's agent hosts it
+        try:
+            import torch.distributed as dist
+
+            server = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
+            while server is not None:  # until the launcher kills it
+                signal.pause()
+        finally:
+            os._exit(0)
     pids = {}
     for rank in range(world):
         pid = os.fork()
@@ -66,7 +77,7 @@ def _launch(job: dict, base: str) -> list[int]:
     kill_at = None
     while None in codes:
         pid, status = os.waitpid(-1, os.WNOHANG)
-        if pid:
+        if pid in pids:
             codes[pids[pid]] = os.waitstatus_to_exitcode(status)
             if codes[pids[pid]] != 0 and kill_at is None:  # a rank failed: stop the others, as torchrun does
                 kill_at = time.monotonic() + GRACE
@@ -80,6 +91,8 @@ def _launch(job: dict, base: str) -> list[int]:
                     os.kill(other, signal.SIGKILL)
             kill_at = float("inf")
         time.sleep(0.01)
+    os.kill(store, signal.SIGKILL)
+    os.waitpid(store, 0)
     return codes
 
 
