@@ -3,6 +3,7 @@
 import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -90,6 +91,30 @@ def init_distributed(comm=None, dump_folder: str = ".") -> DistInfo:
     if os.environ.get("COMM_BACKEND") == "nvshmem":
         use_nvshmem_symmetric_memory()
     return info
+
+
+@contextmanager
+def agreed_errors():
+    """Every rank leaves the block alike. Setup that reads files per rank (the dataset, the tokenizer) can fail on
+    some ranks only, e.g. a path that not every node sees: a ConfigError raised in the block on any rank is raised
+    on every rank (the lowest failing rank's message, naming the ranks that failed), so none goes on into a
+    collective that the failed ones never join, and rank 0 prints it. One all-gather, at start-up only."""
+    error = None
+    try:
+        yield
+    except ConfigError as e:
+        error = str(e)
+    if not dist.is_initialized():
+        if error is not None:
+            raise ConfigError(error)
+        return
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    failed = [rank for rank, message in enumerate(errors) if message is not None]
+    if failed:
+        only = "" if len(failed) == len(errors) else \
+            f" (on rank{'s' if len(failed) > 1 else ''} {', '.join(map(str, failed))} only: a path not every node sees?)"
+        raise ConfigError(errors[failed[0]] + only)
 
 
 def set_timeouts(seconds: int, device: torch.device) -> None:

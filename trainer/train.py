@@ -19,7 +19,7 @@ from trainer.build import build_model, check_data, load_tokenizer, plan_run
 from trainer.checkpoint import Checkpointer
 from trainer.config import ConfigError, JobConfig, help_text, load_config, save_config
 from trainer.data.dataloader import build_dataloader, to_device
-from trainer.distributed import collective_failure, init_distributed, set_timeouts, shutdown
+from trainer.distributed import agreed_errors, collective_failure, init_distributed, set_timeouts, shutdown
 from trainer.metrics import MetricsLogger, peak_flops
 from trainer.models.llama import flops_per_token, num_params
 from trainer.optim import build_lr_scheduler, build_optimizer, clip_grad_norm_
@@ -94,8 +94,12 @@ class Trainer:
         self.dist = init_distributed(cfg.comm, cfg.job.dump_folder)
         self.device = self.dist.device
         enable_tf32(self.device)
-        # Layout: every check and derived figure, before anything is allocated (trainer/build.py).
-        self.plan = plan = plan_run(cfg, self.dist.world_size, self.device.type)
+        # Layout: every check and derived figure, before anything is allocated (trainer/build.py). What reads files
+        # per rank (the data, the tokenizer) fails on every rank alike, before the first collective.
+        with agreed_errors():
+            self.plan = plan = plan_run(cfg, self.dist.world_size, self.device.type)
+            check_data(cfg)
+            self.tokenizer = load_tokenizer(plan)
         self.dims = plan.dims
         torch.manual_seed(plan.seed)
         if cfg.debug.deterministic:
@@ -105,17 +109,9 @@ class Trainer:
             self.dims.build_mesh(self.device.type)
 
         # Data: every data-parallel rank reads its own share of one global stream.
-        check_data(cfg)
-        self.tokenizer = load_tokenizer(plan)
         dp_rank, dp_degree = self.dims.coordinate("dp")
-        try:
-            self.dataloader = build_dataloader(
-                cfg.training.dataset, cfg.training.dataset_path, self.tokenizer, cfg.training.seq_len,
-                cfg.training.local_batch_size, dp_rank, dp_degree, seed=plan.seed,
-                vocab_size=plan.model_args.vocab_size, options=cfg.training.dataloader,
-                device_type=self.device.type)
-        except (ValueError, FileNotFoundError) as e:
-            raise ConfigError(f"training.dataset = {cfg.training.dataset!r}: {e}") from None
+        with agreed_errors():
+            self.dataloader = self._build_dataloader(dp_rank, dp_degree)
 
         # Model: this rank's pipeline stages (one part without PP), parallelized and initialized (trainer/build.py).
         self.cross_entropy = maybe_compile_loss(cross_entropy_loss, cfg)
@@ -129,9 +125,10 @@ class Trainer:
             cfg, self.device, flops_per_token(plan.model_args, cfg.training.seq_len),
             peak_flops(self.device, plan.param_dtype, cfg.metrics.peak_flops), enabled=self.dist.should_log,
             tokens_divisor=self.dims.tp * self.dims.cp * self.dims.pp, rank=self.dist.rank, run_name=self._run_name())
-        self.validator = (Validator(cfg, self.dims, self.device, self.tokenizer, plan.model_args.vocab_size,
-                                    plan.seed, self.metrics)
-                          if cfg.validation.enable else None)
+        with agreed_errors():
+            self.validator = (Validator(cfg, self.dims, self.device, self.tokenizer, plan.model_args.vocab_size,
+                                        plan.seed, self.metrics)
+                              if cfg.validation.enable else None)
         self._log(f"model {cfg.model.name} {cfg.model.flavor}: {num_params(plan.model_args):,} parameters | "
                   f"{self.dims} | accumulation {plan.accum_steps} | {self.device} {plan.param_dtype} | "
                   f"{feature_summary(cfg)}")
@@ -147,6 +144,17 @@ class Trainer:
         self.checkpointer.load()
         if self.step:
             self._log(f"resuming at step {self.step}")
+
+    def _build_dataloader(self, dp_rank: int, dp_degree: int):
+        cfg, plan = self.cfg, self.plan
+        try:
+            return build_dataloader(
+                cfg.training.dataset, cfg.training.dataset_path, self.tokenizer, cfg.training.seq_len,
+                cfg.training.local_batch_size, dp_rank, dp_degree, seed=plan.seed,
+                vocab_size=plan.model_args.vocab_size, options=cfg.training.dataloader,
+                device_type=self.device.type)
+        except (ValueError, FileNotFoundError) as e:
+            raise ConfigError(f"training.dataset = {cfg.training.dataset!r}: {e}") from None
 
     @property
     def step(self) -> int:

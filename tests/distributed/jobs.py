@@ -212,4 +212,25 @@ def generate(out: str, argv: list[str]) -> int:
     return script.run(script.parse_args(argv), init_distributed())
 
 
-JOBS = {"steps": steps, "train": train, "validation": validation, "mesh": mesh, "cli": cli, "generate": generate}
+def agreed_errors(out: str, argv: list[str]) -> int:
+    """trainer.distributed.agreed_errors with a ConfigError on the ranks listed in argv only; rank 0 writes what
+    every rank raised."""
+    from trainer.config import ConfigError
+    from trainer.distributed import agreed_errors as agreed
+
+    failing = {int(r) for r in argv}
+    raised = None
+    try:
+        with agreed():
+            if dist.get_rank() in failing:
+                raise ConfigError(f"training.dataset_path = '/data/{dist.get_rank()}': no such file")
+    except ConfigError as e:
+        raised = str(e)
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, raised)
+    if dist.get_rank() == 0:
+        torch.save(every, out)
+    return 0
+
+
+JOBS = {"agreed_errors": agreed_errors, "steps": steps, "train": train, "validation": validation, "mesh": mesh, "cli": cli, "generate": generate}

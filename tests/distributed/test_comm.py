@@ -58,3 +58,16 @@ def test_two_nodes_match_one_node(runs, tmp_path):
     assert got["losses"] == one_node["losses"] and got["grad_norms"] == one_node["grad_norms"]
     for name, value in one_node["params_after_step1"].items():
         assert torch.equal(got["params_after_step1"][name], value), name
+
+
+def test_a_setup_error_on_some_ranks_is_raised_on_every_rank(pool, tmp_path):
+    # a path that only some nodes see: every rank ends with the same line, none waits in a collective for them
+    for failing, expected in (([2, 1], "on ranks 1, 2 only"), ([], None)):
+        proc = pool.run(4, "agreed_errors", tmp_path / "out.pt", failing)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        raised = torch.load(tmp_path / "out.pt", weights_only=True)
+        if expected is None:
+            assert raised == [None] * 4
+        else:
+            assert raised == [f"training.dataset_path = '/data/1': no such file ({expected}: a path not every node "
+                              f"sees?)"] * 4, raised
