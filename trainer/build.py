@@ -22,6 +22,7 @@ from trainer.config import ConfigError, JobConfig
 from trainer.converters import check_converters, check_hardware, convert, post_optimizer_hook
 from trainer.data.datasets import DATASET_NAMES
 from trainer.data.tokenizer import Tokenizer
+from trainer.models.attention import document_ids
 from trainer.models.llama import ModelArgs, Transformer, get_model_args
 from trainer.parallel import parallelize
 from trainer.parallel.compile import check_compile_supported
@@ -50,6 +51,39 @@ def check_device(cfg: JobConfig, device_type: str) -> None:
         if not cfg.compile.enable:
             raise ConfigError("parallelism.enable_async_tensor_parallel = true needs torch.compile; set "
                               "compile.enable = true")
+
+
+def check_attention(cfg: JobConfig, args: ModelArgs, cp: int, device_type: str) -> None:
+    """The flavor's attention kernel and mask (models/attention.py) fit this run: one-line ConfigErrors."""
+    flavor = f"model.flavor = {cfg.model.flavor!r} (attn_type {args.attn_type!r}, attn_mask_type {args.attn_mask_type!r})"
+    if args.attn_mask_type != "block_causal":
+        return
+    if cp > 1:
+        # torch 2.13 shards a FlexAttention BlockMask for context parallel only through its private module-level
+        # _ContextParallel style on CUDA, and its ring attention takes no explicit mask (our CPU path).
+        raise ConfigError(f"{flavor} with parallelism.context_parallel_degree = {cp}: context parallel runs causal "
+                          "attention only here; use a causal flavor (e.g. debugmodel) or context_parallel_degree 1")
+    if cfg.training.dataset == "synthetic":
+        raise ConfigError(f"{flavor} with training.dataset = 'synthetic': random tokens have no document "
+                          "boundaries; use a text dataset (c4_test, c4, ...) or a causal flavor")
+    if device_type == "cuda" and args.attn_type == "varlen":
+        try:
+            from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+        except ImportError:
+            raise ConfigError(f"{flavor}: torch {torch.__version__} has no torch.nn.attention.varlen; use "
+                              f"attn_type flex (e.g. {cfg.model.flavor.replace('varlen', 'flex')}) or torch >= 2.10"
+                              ) from None
+
+
+def attention_summary(args: ModelArgs, device_type: str) -> str:
+    """The attention kernel and mask a run uses, in words (start-up line and DRY_RUN)."""
+    if args.attn_mask_type == "causal":
+        return f"attention {args.attn_type}, causal mask"
+    kernel = {"flex": "FlexAttention with a compiled BlockMask", "varlen": "varlen_attn over packed documents",
+              "sdpa": "SDPA with a boolean mask"}[args.attn_type]
+    if device_type != "cuda":
+        kernel = "SDPA with a boolean [batch, 1, seq, seq] mask on CPU"
+    return f"attention {args.attn_type} ({kernel}), block_causal mask (documents end at EOS; RoPE positions global)"
 
 
 def model_args_for(cfg: JobConfig) -> ModelArgs:
@@ -116,6 +150,7 @@ def plan_run(cfg: JobConfig, world_size: int, device_type: str) -> RunPlan:
     model_args = model_args_for(cfg)
     dims = ParallelDims.resolve(cfg.parallelism, world_size)
     dims.validate_model(model_args)
+    check_attention(cfg, model_args, dims.cp, device_type)
     check_converters(cfg, dims, device_type)
     dims.check_seq_len("training.seq_len", cfg.training.seq_len)
     check_validation_layout(cfg, dims)
@@ -159,15 +194,24 @@ class ModelParts:
     that drives them, or None. `batch_context(inputs, labels)` is the context a batch's forward, loss and backward
     run in (context parallel's sharding of the batch and the RoPE tables, loss parallel); `autocast` wraps the
     forward when no FSDP MixedPrecisionPolicy casts the parameters; `post_optimizer_hook(parts)`, when a model
-    converter has one, runs after every optimizer step (`after_optimizer_step`).
+    converter has one, runs after every optimizer step (`after_optimizer_step`). `forward_kwargs(inputs)` are the
+    keywords every model part's forward takes with this batch: its document ids for a block-causal model.
     """
 
     def __init__(self, parts: list[nn.Module], pipeline: Pipeline | None, dims: ParallelDims,
                  autocast: contextlib.AbstractContextManager,
-                 post_optimizer_hook: Callable[[list[nn.Module]], None] | None = None):
+                 post_optimizer_hook: Callable[[list[nn.Module]], None] | None = None, eos_id: int | None = None):
         self.parts, self.pipeline, self.dims, self.autocast = parts, pipeline, dims, autocast
         self._post_optimizer_hook = post_optimizer_hook
         self._cp_mesh = dims.optional_mesh("cp")
+        self._eos_id = eos_id if parts[0].args.attn_mask_type == "block_causal" else None
+        if parts[0].args.attn_mask_type == "block_causal" and eos_id is None:
+            raise ValueError("a block_causal model needs the tokenizer's eos_id (build_model(..., eos_id=...))")
+
+    def forward_kwargs(self, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Keywords for the forward of every part with this batch of tokens: the document ids of a block-causal
+        model, computed once per batch (under PP the schedule cuts them into microbatches with the tokens)."""
+        return {} if self._eos_id is None else {"document_ids": document_ids(inputs, self._eos_id)}
 
     @property
     def model(self) -> nn.Module | None:
@@ -226,13 +270,14 @@ def check_device_memory(plan: RunPlan, parts: list[nn.Module], device: torch.dev
 
 def build_model(plan: RunPlan, device: torch.device,
                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-                init: bool = True) -> ModelParts:
+                init: bool = True, eos_id: int | None = None) -> ModelParts:
     """This rank's model: built on meta, converted (model.converters), cut into its pipeline stages, parallelized,
     and (with `init`) materialized on `device` with the run's seed. The mesh must be built (plan.dims.build_mesh)
     when the world has several ranks.
 
     `loss_fn(logits, labels)`: the loss of one local batch, which the pipeline schedule calls on the last stage.
-    init=False leaves the weights on meta (DRY_RUN counts them without allocating).
+    init=False leaves the weights on meta (DRY_RUN counts them without allocating). `eos_id`: the tokenizer's,
+    where documents end; needed by a block-causal model with init (DRY_RUN builds it without).
     """
     dims, cfg = plan.dims, plan.cfg
     if init:
@@ -260,7 +305,9 @@ def build_model(plan: RunPlan, device: torch.device,
     # Without FSDP there is no MixedPrecisionPolicy to cast parameters, so autocast does it.
     autocast = (torch.autocast(device.type, dtype=plan.param_dtype)
                 if plan.param_dtype != torch.float32 and not dims.fsdp_enabled else contextlib.nullcontext())
-    return ModelParts(parts, pipeline, dims, autocast, post_optimizer_hook(cfg, dims))
+    if not init and eos_id is None:
+        eos_id = 0  # a meta model runs no batch
+    return ModelParts(parts, pipeline, dims, autocast, post_optimizer_hook(cfg, dims), eos_id)
 
 
 def build_inference_model(args: ModelArgs, device: torch.device | str,

@@ -14,8 +14,8 @@ import sys
 import torch
 import torch.distributed as dist
 
-from trainer.build import (TRAINING_STATE_BYTES_PER_PARAM, build_model, check_data, load_tokenizer,
-                           local_param_elements, plan_run)
+from trainer.build import (TRAINING_STATE_BYTES_PER_PARAM, attention_summary, build_model, check_data,
+                           load_tokenizer, local_param_elements, plan_run)
 from trainer.checkpoint_files import plan_load
 from trainer.config import ConfigError, JobConfig, help_text, load_config
 from trainer.models.llama import flops_per_token, num_params
@@ -117,6 +117,7 @@ def dry_run(cfg: JobConfig, world_size: int, require_assets: bool = False, targe
         *([plan.pp_plan.describe()] if plan.pp_plan is not None else []),
         f"model: {cfg.model.name} {cfg.model.flavor}, {total / 1e9:.2f}B parameters ({total:,}); "
         f"{flops_per_token(args, cfg.training.seq_len) / 1e9:.2f} GFLOPs per token at seq_len {cfg.training.seq_len}",
+        f"{attention_summary(args, target)}",
         f"device: {target}; compute dtype {dtype_name} ({dtype_why}; --device cpu or cuda plans for the other)",
         f"memory per rank (rank 0, estimate): parameters {local * 4 / GiB:.2f} GiB ({local:,} local elements), "
         f"gradients {local * 4 / GiB:.2f} GiB, optimizer {local * 8 / GiB:.2f} GiB, activations {act / GiB:.2f} GiB "

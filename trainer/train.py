@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
-from trainer.build import build_model, check_data, load_tokenizer, plan_run
+from trainer.build import attention_summary, build_model, check_data, load_tokenizer, plan_run
 from trainer.checkpoint import Checkpointer
 from trainer.config import ConfigError, JobConfig, help_text, load_config, save_config
 from trainer.data.dataloader import build_dataloader, to_device
@@ -115,7 +115,8 @@ class Trainer:
 
         # Model: this rank's pipeline stages (one part without PP), parallelized and initialized (trainer/build.py).
         self.cross_entropy = maybe_compile_loss(cross_entropy_loss, cfg)
-        self.model = build_model(plan, self.device, self.loss_fn)
+        self.model = build_model(plan, self.device, self.loss_fn,
+                                 eos_id=self.tokenizer.eos_id if self.tokenizer is not None else None)
         self.params = self.model.parameters()
         self.optimizer = build_optimizer(self.params, cfg.optimizer)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.lr_scheduler,
@@ -131,7 +132,7 @@ class Trainer:
                               if cfg.validation.enable else None)
         self._log(f"model {cfg.model.name} {cfg.model.flavor}: {num_params(plan.model_args):,} parameters | "
                   f"{self.dims} | accumulation {plan.accum_steps} | {self.device} {plan.param_dtype} | "
-                  f"{feature_summary(cfg)}")
+                  f"{feature_summary(cfg)} | {attention_summary(plan.model_args, self.device.type)}")
         if plan.pp_plan is not None:
             self._log(plan.pp_plan.describe())
         if cfg.job.save_config_file and self.dist.rank == 0:
@@ -183,26 +184,28 @@ class Trainer:
         parallel the logits are a vocab-sharded DTensor, whose loss and backward run inside that context too.
         """
         model = self.model
+        kwargs = model.forward_kwargs(inputs)  # document ids (block-causal models), once per micro-batch
         with model.batch_context(inputs, labels):
             if model.pipeline is not None:
                 with model.autocast:  # the schedule runs forward and backward inside
-                    loss = self.pipeline_step(inputs, labels)
+                    loss = self.pipeline_step(inputs, labels, kwargs)
             else:
                 with model.autocast:
-                    logits = model.model(inputs)
+                    logits = model.model(inputs, **kwargs)
                 loss = self.loss_fn(logits, labels)
                 loss.backward()
         loss = loss.detach()
         # A loss-parallel loss is a DTensor replicated over tp: every tp rank's local value is the whole loss.
         return loss.to_local() if isinstance(loss, DTensor) else loss
 
-    def pipeline_step(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def pipeline_step(self, inputs: torch.Tensor, labels: torch.Tensor, kwargs: dict) -> torch.Tensor:
         """The schedule cuts the micro-batch into pipeline microbatches: the first stage is fed the tokens, the last
-        computes the loss. Other ranks return 0; global_loss fetches the real one."""
+        computes the loss; `kwargs` (document ids) are cut alike and reach every stage. Other ranks return 0;
+        global_loss fetches the real one."""
         pipeline, losses = self.model.pipeline, []
         pipeline.schedule.step(*([inputs] if pipeline.has_first_stage else []),
                                target=labels if pipeline.has_last_stage else None, losses=losses,
-                               return_outputs=False)
+                               return_outputs=False, **kwargs)
         return torch.stack(losses).sum() if losses else torch.zeros((), device=self.device)
 
     def train_step(self, batches) -> tuple[torch.Tensor, torch.Tensor]:

@@ -196,7 +196,7 @@ class Validator:
         with model.batch_context(inputs, labels):
             # Inside the context inputs and labels are this rank's part of the sequence.
             with model.autocast:
-                logits = model.model(inputs)
+                logits = model.model(inputs, **model.forward_kwargs(inputs))
             loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum")
             tokens = labels.numel()
         # A loss-parallel loss is a DTensor replicated over tp: the local value is the whole sum.

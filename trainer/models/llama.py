@@ -6,6 +6,9 @@ RoPE rows come from a buffer that is passed in (CP shards it along dim 0), layer
 string keys (a pipeline stage deletes some and keeps the names), and each parameter's initial value depends
 only on (seed, name) (any layout initialises the same model). Generation passes a KV cache as an optional keyword
 (never positionally: a tensor-parallel plan hooks the blocks' positional inputs); without one, nothing changes.
+Document masking (attn_mask_type "block_causal", trainer/models/attention.py) comes in the same way: the caller
+passes each token's document id as the keyword `document_ids`, and the mask built from them once per forward
+reaches the blocks as the keyword `mask`, so tensor parallel leaves it whole on every rank.
 """
 
 import dataclasses
@@ -17,6 +20,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from trainer.models.attention import ATTN_MASK_TYPES, ATTN_TYPES, build_mask, masked_attention
 
 if TYPE_CHECKING:
     from trainer.models.kv_cache import KVCache, LayerKVCache
@@ -63,10 +68,20 @@ class ModelArgs:
     since context parallel shards this table together with the sequence."""
     tie_word_embeddings: bool = False
     """Share one matrix between the token embedding and the output projection."""
+    attn_type: str = "sdpa"
+    """Attention kernel (torchtitan's names): sdpa, flex (FlexAttention with a block mask) or varlen (torch's
+    variable-length flash attention). On CPU every type runs SDPA with a boolean mask (see models/attention.py)."""
+    attn_mask_type: str = "causal"
+    """causal (every earlier token of the window) or block_causal (only earlier tokens of the same document)."""
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
+        if self.attn_type not in ATTN_TYPES or self.attn_mask_type not in ATTN_MASK_TYPES:
+            raise ValueError(f"model: attn_type={self.attn_type!r}, attn_mask_type={self.attn_mask_type!r}; "
+                             f"choose attn_type from {ATTN_TYPES} and attn_mask_type from {ATTN_MASK_TYPES}")
+        if self.attn_type == "varlen" and self.attn_mask_type != "block_causal":
+            raise ValueError("model: attn_type='varlen' packs documents and needs attn_mask_type='block_causal'")
         if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"model: dim={self.dim}, n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads} do not divide; "
@@ -98,10 +113,17 @@ _LLAMA31_ROPE = RopeScaling(factor=8.0)
 _LLAMA32_ROPE = RopeScaling(factor=32.0)
 _LLAMA3 = dict(vocab_size=128256, n_kv_heads=8, rope_theta=500000.0)
 _SMOLLM = dict(vocab_size=49152, tie_word_embeddings=True)
+# torchtitan's document-masked siblings (llama3 debugmodel_flex_attn, 8B_flex, ...): block-causal attention.
+_FLEX = dict(attn_type="flex", attn_mask_type="block_causal")
+_VARLEN = dict(attn_type="varlen", attn_mask_type="block_causal")
 
 FLAVORS: dict[str, dict[str, ModelArgs]] = {
     "llama3": {
         "debugmodel": ModelArgs(dim=256, n_layers=6, n_heads=16, vocab_size=2048, rope_theta=500000.0),
+        "debugmodel_flex_attn": ModelArgs(dim=256, n_layers=6, n_heads=16, vocab_size=2048, rope_theta=500000.0,
+                                          **_FLEX),
+        "debugmodel_varlen_attn": ModelArgs(dim=256, n_layers=6, n_heads=16, vocab_size=2048, rope_theta=500000.0,
+                                            **_VARLEN),
         # The benchmark shape of scripts/bench.py (dim 256, 4 layers, 4 heads, ffn 768, vocab 2048), shared with
         # other trainers' CPU benchmarks so figures compare.
         "benchmodel": ModelArgs(dim=256, n_layers=4, n_heads=4, vocab_size=2048, rope_theta=500000.0),
@@ -111,6 +133,10 @@ FLAVORS: dict[str, dict[str, ModelArgs]] = {
                         rope_scaling=_LLAMA32_ROPE, tie_word_embeddings=True, **_LLAMA3),
         "8B": ModelArgs(dim=4096, n_layers=32, n_heads=32, ffn_dim_multiplier=1.3, multiple_of=1024,
                         rope_scaling=_LLAMA31_ROPE, **_LLAMA3),
+        "8B_flex": ModelArgs(dim=4096, n_layers=32, n_heads=32, ffn_dim_multiplier=1.3, multiple_of=1024,
+                             rope_scaling=_LLAMA31_ROPE, **_LLAMA3, **_FLEX),
+        "8B_varlen": ModelArgs(dim=4096, n_layers=32, n_heads=32, ffn_dim_multiplier=1.3, multiple_of=1024,
+                               rope_scaling=_LLAMA31_ROPE, **_LLAMA3, **_VARLEN),
         # 8B's first 4 layers (with its full vocabulary): its layer and logit shapes on one GPU (scripts/gpu_check.py).
         "8B-4L": ModelArgs(dim=4096, n_layers=4, n_heads=32, ffn_dim_multiplier=1.3, multiple_of=1024,
                            rope_scaling=_LLAMA31_ROPE, **_LLAMA3),
@@ -231,7 +257,7 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """Causal self-attention with RoPE and grouped-query attention."""
+    """Causal (or, given a mask, block-causal) self-attention with RoPE and grouped-query attention."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -241,7 +267,8 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
-    def forward(self, x: Tensor, rope_cache: Tensor, cache: "LayerKVCache | None" = None) -> Tensor:
+    def forward(self, x: Tensor, rope_cache: Tensor, cache: "LayerKVCache | None" = None, mask=None) -> Tensor:
+        """`mask`: a block-causal mask from attention.build_mask (document masking), or None for causal."""
         # Shapes and head counts come from the tensors: under TP each rank holds n_heads/tp heads,
         # under CP seqlen and rope_cache are this rank's shard.
         bsz, seqlen, _ = x.shape
@@ -256,7 +283,9 @@ class Attention(nn.Module):
         if n_rep > 1:
             # Explicit repeat rather than SDPA's enable_gqa, which not every backend/CP path supports.
             k, v = k.repeat_interleave(n_rep, dim=2), v.repeat_interleave(n_rep, dim=2)
-        if start == 0:
+        if mask is not None:
+            out = masked_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
+        elif start == 0:
             # Training, and a prompt's prefill: queries and keys are the same positions, so plain causal attention,
             # which the flash and memory-efficient kernels run (an explicit mask would rule them out).
             out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
@@ -294,8 +323,10 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x: Tensor, rope_cache: Tensor, cache: "LayerKVCache | None" = None) -> Tensor:
-        if cache is None:
+    def forward(self, x: Tensor, rope_cache: Tensor, cache: "LayerKVCache | None" = None, mask=None) -> Tensor:
+        if mask is not None:
+            h = x + self.attention(self.attention_norm(x), rope_cache, mask=mask)
+        elif cache is None:
             h = x + self.attention(self.attention_norm(x), rope_cache)
         else:
             h = x + self.attention(self.attention_norm(x), rope_cache, cache=cache)
@@ -318,13 +349,21 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cache", torch.empty(args.max_seq_len, 2 * args.head_dim), persistent=False)
         self.init_buffers()
 
-    def forward(self, tokens: Tensor, cache: "KVCache | None" = None) -> Tensor:
+    def forward(self, tokens: Tensor, cache: "KVCache | None" = None, document_ids: Tensor | None = None) -> Tensor:
         """tokens [batch, seq] int64 -> logits [batch, seq, vocab]; a pipeline stage passes hidden states instead.
 
         With a `cache` the tokens continue the cached sequence at position cache.start, and are cached in turn.
+        `document_ids` [batch, seq] (attention.document_ids; block_causal models): attention stays within each
+        document; one mask is built here for every layer. Without them attention is causal over the window.
         """
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
-        if cache is None:
+        if document_ids is not None:
+            if cache is not None:
+                raise ValueError("document_ids with a KV cache: generation runs one document, causal attention")
+            mask = build_mask(document_ids, self.args.attn_type)
+            for layer in self.layers.values():
+                h = layer(h, self.rope_cache, mask=mask)
+        elif cache is None:
             for layer in self.layers.values():
                 h = layer(h, self.rope_cache)
         else:

@@ -21,14 +21,22 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
-# Ops whose outputs "op" keeps: matmuls and every SDPA backend, the CPU one included.
+# Ops whose outputs "op" keeps: matmuls, every SDPA backend (the CPU one included, which also runs the boolean
+# block-causal mask), and the document-masking kernels of CUDA: FlexAttention and varlen attention.
 _SAVE_OPS = [
     torch.ops.aten.mm.default,
     torch.ops.aten._scaled_dot_product_flash_attention.default,
     torch.ops.aten._scaled_dot_product_efficient_attention.default,
     torch.ops.aten._scaled_dot_product_cudnn_attention.default,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+    torch.ops.higher_order.flex_attention,
 ]
+try:
+    import torch.nn.attention.varlen  # noqa: F401  (registers its op)
+
+    _SAVE_OPS.append(torch.ops.torch_attn._varlen_attn.default)
+except (ImportError, AttributeError):  # a torch without varlen attention
+    pass
 
 
 def save_matmuls_and_attention():
