@@ -55,14 +55,14 @@ def test_sigterm_to_run_train_saves_and_exits_0(tmp_path):
     assert max(complete_steps(tmp_path / "checkpoint")) == stopped[0]
 
 
-def torchrun_cmd(ranks: int, args: list[str], switches: list[str] = ()) -> list[str]:
+def torchrun_cmd(ranks: int, args: list[str], out, switches: list[str] = ()) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", f"--nproc-per-node={ranks}",
-            str(ROOT / "tests/distributed/worker.py"), "--job", "train", "unused.pt", *switches, *args]
+            str(ROOT / "tests/distributed/worker.py"), "--job", "train", str(out), *switches, *args]
 
 
 def test_sigterm_to_torchrun_saves_the_step(tmp_path):
     ranks, args = overrides(tmp_path, "1 process")
-    code, log, _ = signal_after_step(torchrun_cmd(ranks, args), 3, rank_env())
+    code, log, _ = signal_after_step(torchrun_cmd(ranks, args, tmp_path / "out.pt"), 3, rank_env())
     assert code == 1 and "SignalException" in log, log[-4000:]  # torchrun's own exit code, not the ranks'
     stopped = int(log.split("stopped by a signal after step ")[1].split(";")[0])
     assert max(complete_steps(tmp_path / "checkpoint")) == stopped >= 3, log[-4000:]
@@ -72,7 +72,7 @@ def test_sigterm_to_torchrun_with_a_save_too_slow_for_its_shutdown_timeout(tmp_p
     # Writes take 30 s more than usual; torchrun waits 3 s for the ranks after forwarding SIGTERM, then SIGKILLs.
     ranks, args = overrides(tmp_path, "1 process", **{"checkpoint.interval": 100})
     env = {**rank_env(), "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "3"}
-    cmd = torchrun_cmd(ranks, args, ["--slow-writes", "30"])
+    cmd = torchrun_cmd(ranks, args, tmp_path / "out.pt", ["--slow-writes", "30"])
     code, log, seconds = signal_after_step(cmd, 3, env)
     assert code != 0 and seconds < 25, (code, seconds, log[-4000:])
     folder = tmp_path / "checkpoint"
