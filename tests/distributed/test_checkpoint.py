@@ -117,7 +117,7 @@ def test_resume_continues_like_a_straight_run(name, pool, runs, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["dp_shard=2 x tp=2"])
+@pytest.mark.parametrize("layout", ["dp_shard=2 x tp=2", "pp=2 x dp_shard=2 x tp=2 1F1B"])
 def test_final_save_of_a_step_just_saved(layout, pool, tmp_path):
     # steps a multiple of interval: the final save finds the step saved already. Every rank must skip it alike (a
     # rank that saved a second time would leave the others' DCP collectives unmatched), also when the run resumes
