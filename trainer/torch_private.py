@@ -3,6 +3,8 @@
 Checked against torch 2.13.0. tests/unit/test_torch_private.py fails loudly when an upgrade moves one of these.
 """
 
+import contextlib
+
 from torch.distributed.device_mesh import DeviceMesh
 
 
@@ -182,3 +184,76 @@ def storage_extents(metadata) -> dict[str, int]:
     for info in metadata.storage_data.values():
         extents[info.relative_path] = max(extents.get(info.relative_path, 0), info.offset + info.length)
     return extents
+
+
+# --- Pipeline schedules: CSV files and forward-only passes -------------------------------------------------------
+# torch 2.13 runs a schedule written as a CSV through its private `_PipelineScheduleRuntime` (`_load_csv`; one row
+# per pp rank, one action per cell such as 0F1 / 2B3, an empty cell an idle step), which torchtitan also uses.
+
+def read_schedule_csv(path: str) -> dict[int, list]:
+    """pp rank -> its actions (torch's private `_Action`: stage_index, computation_type, microbatch_index; None for
+    an idle step), parsed as `_PipelineScheduleRuntime._load_csv` parses them. ValueError for a cell it cannot read."""
+    import csv
+
+    from torch.distributed.pipelining.schedules import _Action
+
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    try:
+        return {rank: [_Action.from_str(cell) for cell in row] for rank, row in enumerate(rows)}
+    except RuntimeError as e:  # from_str raises RuntimeError("Invalid action string: ...")
+        raise ValueError(str(e).split(",")[0]) from None
+
+
+def check_schedule_actions(actions: dict[int, list], pp: int, n_stages: int, n_microbatches: int) -> dict[int, int]:
+    """torch's own check of a compute-only schedule (private `_validate_schedule`): every stage runs every
+    microbatch forward, then backward, on one rank. Returns stage -> pp rank; ValueError (first line only) if not."""
+    from torch.distributed.pipelining.schedules import _validate_schedule
+
+    try:
+        return _validate_schedule(actions, pp, n_stages, n_microbatches)
+    except (AssertionError, KeyError) as e:
+        raise ValueError(str(e).strip().splitlines()[0] if str(e).strip() else repr(e)) from None
+
+
+def csv_schedule(stages: list, n_microbatches: int, loss_fn, path: str):
+    """A `_PipelineScheduleRuntime` over this rank's `stages` that runs the CSV at `path` (compute actions only;
+    the runtime adds the sends, receives and FSDP unshard/reshard), gradients unscaled like the named schedules."""
+    from torch.distributed.pipelining.schedules import _PipelineScheduleRuntime
+
+    schedule = _PipelineScheduleRuntime(stages, n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
+    schedule._load_csv(path)
+    return schedule
+
+
+@contextlib.contextmanager
+def forward_only_order(schedule):
+    """Inside, a runtime schedule (looped, V-shaped, DualPipeV, CSV) runs only the forward half of its order.
+
+    torch 2.13's `schedule.eval` runs the whole training order with backward turned off. Single-stage and looped
+    schedules then skip each backward action, but a V-shaped order passes a gradient between a rank's own two
+    stages (`get_local_bwd_output`), which asserts "can't steal_bwd_input if this stage doesn't have backward".
+    The forward actions (with their receives and sends, and FSDP's unshard/reshard) of a schedule that does not
+    deadlock do not deadlock either: dropping actions only drops waits. DualPipeV's overlapped F+B pairs keep their
+    forward. `pipeline_order_with_comms` is the runtime's private lowered order in 2.13.
+    """
+    from torch.distributed.pipelining.schedules import _ComputationType as A
+    from torch.distributed.pipelining.schedules import _PipelineScheduleRuntime
+
+    if not isinstance(schedule, _PipelineScheduleRuntime):
+        yield
+        return
+    keep = (A.FORWARD, A.SEND_F, A.RECV_F, A.UNSHARD, A.RESHARD)
+
+    def forward_part(action) -> list:
+        if action.computation_type == A.OVERLAP_F_B:
+            return [a for a in action.sub_actions if a.computation_type in keep]
+        return [action] if action.computation_type in keep else []
+
+    full = schedule.pipeline_order_with_comms
+    schedule.pipeline_order_with_comms = {rank: [a for action in order for a in forward_part(action)]
+                                          for rank, order in full.items()}
+    try:
+        yield
+    finally:
+        schedule.pipeline_order_with_comms = full

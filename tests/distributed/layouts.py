@@ -59,6 +59,9 @@ LAYOUTS: dict[str, tuple[int, dict]] = {
     "pp=2 InterleavedZeroBubble": (2, _pp(2, "InterleavedZeroBubble")),
     "pp=2 ZBVZeroBubble": (2, _pp(2, "ZBVZeroBubble")),
     "pp=2 DualPipeV": (2, _pp(2, "DualPipeV")),
+    # torch's InterleavedZeroBubble order for this layout, written as a CSV (tests/unit/test_pipeline.py)
+    "pp=2 CSV schedule": (2, _pp(2, "PipelineScheduleMulti", **{
+        "parallelism.pipeline_parallel_schedule_csv": "tests/assets/pipeline/zero_bubble_pp2_4stages_4mb.csv"})),
     "pp=4 GPipe": (4, _pp(4, "GPipe")),
     "pp=4 1F1B": (4, _pp(4, "1F1B")),
     "pp=2 1F1B accumulation=2": (2, _pp(2, "1F1B", **{LOCAL: 2})),

@@ -2,7 +2,7 @@
 
 Every layout reads the reference's global batch of 4 sequences of 64 tokens; with microbatch size 1 a local batch
 of 4 is 4 microbatches. The debug models have 6 layers: 2 stages at pp=2 and pp=4 single-stage, 4 stages for the
-looped and V schedules at pp=2.
+looped and V schedules at pp=2 and for the CSV schedule (PipelineScheduleMulti running tests/assets/pipeline's file).
 
 The tied-embedding model (smollm) is compared with a 1-process run that accumulates the same 4 microbatches.
 Microbatching alone moves its parameters after step 1 by up to 2.1e-5 from the whole-batch run: its grad norm
@@ -26,6 +26,7 @@ MATRIX = [
     ("pp=2 InterleavedZeroBubble", "llama3", True),
     ("pp=2 ZBVZeroBubble", "llama3", False),
     ("pp=2 DualPipeV", "llama3", True),
+    ("pp=2 CSV schedule", "llama3", False),
     ("pp=4 GPipe", "llama3", True),
     ("pp=4 1F1B", "llama3", True),
     ("pp=2 1F1B accumulation=2", "llama3", False),

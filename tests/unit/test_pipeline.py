@@ -2,6 +2,7 @@
 initialized on their own hold exactly the unsplit model's weights and compose to its forward."""
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -62,6 +63,66 @@ def test_bad_plan(pp, schedule, local_batch, keys, message):
     with pytest.raises(ConfigError) as e:
         _plan(pp, schedule, local_batch, **keys)
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+# The shipped CSV: torch's InterleavedZeroBubble order (pipeline_order, dumped compute-only) for pp=2, 4 stages,
+# 4 microbatches; stages 0 and 2 on rank 0, 1 and 3 on rank 1, backward split into input (I) and weight (W) parts.
+SCHEDULE_CSV = Path(__file__).resolve().parents[1] / "assets/pipeline/zero_bubble_pp2_4stages_4mb.csv"
+CSV_KEY = "parallelism.pipeline_parallel_schedule_csv"
+
+
+def _csv_plan(path, schedule: str = "PipelineScheduleMulti", local_batch: int = 4, pp: int = 2):
+    return _plan(pp, schedule, local_batch, pipeline_parallel_schedule_csv=str(path))
+
+
+def test_csv_schedule_plan():
+    plan = _csv_plan(SCHEDULE_CSV)
+    assert (plan.schedule, plan.n_stages, plan.n_microbatches, plan.csv) == ("PipelineScheduleMulti", 4, 4,
+                                                                             str(SCHEDULE_CSV))
+    assert [plan.stage_ids(r) for r in range(2)] == [[0, 2], [1, 3]] and plan.last_stage_rank == 1
+    assert f"from {SCHEDULE_CSV}" in plan.describe()
+
+
+def _write(tmp_path, text: str) -> Path:
+    path = tmp_path / "schedule.csv"
+    path.write_text(text)
+    return path
+
+
+ONE_F1B = "0F0,0F1,,0B0,0B1\n,1F0,1B0,1F1,1B1\n"  # single-stage 1F1B over 2 ranks and 2 microbatches
+
+
+@pytest.mark.parametrize("text,schedule,local_batch,message", [
+    (None, "PipelineScheduleMulti", 4, "does not exist; point it at a schedule CSV"),
+    ("0F0,0X1\n", "PipelineScheduleMulti", 4, "is not a schedule CSV (Invalid action string: 0X1)"),
+    ("0F0,0B0\n", "PipelineScheduleMulti", 4, "has 1 rows but pipeline_parallel_degree is 2"),
+    (ONE_F1B, "PipelineScheduleMulti", 2, "never runs stage 2 of the plan's 4"),  # the CSV is single-stage
+    (ONE_F1B, "PipelineScheduleSingle", 4, "forward on 2 microbatches, but a step has 4"),
+    (ONE_F1B.replace("1F1,", "1F7,"), "PipelineScheduleSingle", 2, "number them 0 to 1"),
+    (ONE_F1B.replace("1F0,1B0", "0F9,1B0"), "PipelineScheduleSingle", 2, "rank 1 runs stage 0, but"),
+    (ONE_F1B.replace("1F1,1B1", "1F1,1F1,1B1"), "PipelineScheduleSingle", 2, "runs 1F1 twice"),
+    (ONE_F1B.replace("0B0,0B1", "0B0"), "PipelineScheduleSingle", 2, "expected 2 total backwards"),
+    ("0B1,0F0,,0B0,0F1\n,1F0,1B0,1F1,1B1\n", "PipelineScheduleSingle", 2,
+     "microbatch 1 without first running Forward"),
+    ("1F0\n,\n", "PipelineScheduleMulti", 4, "rank 0 runs stage 1, but"),
+    ("4F0\n,\n", "PipelineScheduleMulti", 4, "the plan has 4 stages"),
+    ("binary", "PipelineScheduleMulti", 4, "is not a schedule CSV ('utf-8' codec"),
+    (ONE_F1B, "1F1B", 2, "a CSV schedule runs as PipelineScheduleSingle or PipelineScheduleMulti"),
+])
+def test_bad_schedule_csv(text, schedule, local_batch, message, tmp_path):
+    path = tmp_path / "missing.csv" if text is None else _write(tmp_path, text)
+    if text == "binary":
+        path.write_bytes(b"0F0,\xff\xfe\n")
+    with pytest.raises(ConfigError) as e:
+        _csv_plan(path, schedule, local_batch)
+    line = str(e.value)
+    assert line.startswith(f"{CSV_KEY} = {str(path)!r}") or line.startswith("parallelism.pipeline_parallel_schedule ")
+    assert message in line and "\n" not in line, line
+
+
+def test_csv_schedule_names_need_a_csv():
+    with pytest.raises(ConfigError, match="runs a schedule from a CSV file; set .*_schedule_csv"):
+        _plan(2, "PipelineScheduleMulti")
 
 
 @pytest.mark.parametrize("name,schedule,pp", [("llama3", "1F1B", 4), ("smollm", "Interleaved1F1B", 2),

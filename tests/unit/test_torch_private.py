@@ -110,3 +110,45 @@ def test_checkpoint_storage_extents(tmp_path):
     extents = storage_extents(dcp.FileSystemReader(str(tmp_path)).read_metadata())
     assert list(extents) == ["__0_0.distcp"]  # one file per rank, every item in it
     assert 100 * 4 + 21 * 4 <= extents["__0_0.distcp"] <= (tmp_path / "__0_0.distcp").stat().st_size
+
+
+def _pipeline_stages(stage_ids: list[int], n_stages: int) -> list:
+    """PipelineStages of rank 0 of a 2-rank fake process group (construction needs a group, nothing runs)."""
+    from torch.distributed.pipelining import PipelineStage
+
+    return [PipelineStage(torch.nn.Linear(2, 2), i, n_stages, torch.device("cpu")) for i in stage_ids]
+
+
+def test_pipeline_schedule_csv_and_forward_only_order():
+    import torch.distributed as dist
+    from torch.distributed.pipelining.schedules import _ComputationType as A
+    from torch.distributed.pipelining.schedules import ScheduleDualPipeV
+
+    from tests.unit.test_pipeline import SCHEDULE_CSV
+    from trainer.torch_private import (check_schedule_actions, csv_schedule, forward_only_order,
+                                       init_fake_process_group, read_schedule_csv)
+
+    init_fake_process_group(0, 2)
+    try:
+        actions = read_schedule_csv(str(SCHEDULE_CSV))
+        assert str(actions[1][1]) == "1F0" and actions[1][0] is None, "torch's _Action.from_str changed"
+        assert check_schedule_actions(actions, 2, 4, 4) == {0: 0, 2: 0, 1: 1, 3: 1}, "_validate_schedule changed"
+        schedule = csv_schedule(_pipeline_stages([0, 2], 4), 4, lambda out, target: out.sum(), str(SCHEDULE_CSV))
+        assert schedule.pipeline_order == actions, "_PipelineScheduleRuntime._load_csv no longer keeps the order"
+        full = schedule.pipeline_order_with_comms
+        kinds = {a.computation_type for a in full[0]}
+        assert {A.SEND_F, A.RECV_B, A.BACKWARD_INPUT, A.BACKWARD_WEIGHT} <= kinds, "the runtime's lowering changed"
+
+        for sched, overlapped in ((schedule, False),
+                                  (ScheduleDualPipeV(_pipeline_stages([0, 3], 4), n_microbatches=4,
+                                                     loss_fn=lambda out, target: out.sum()), True)):
+            full = sched.pipeline_order_with_comms
+            assert (A.OVERLAP_F_B in {a.computation_type for a in full[0]}) == overlapped
+            forwards = [str(s) for a in full[0] for s in (a.sub_actions or (a,)) if s.computation_type == A.FORWARD]
+            with forward_only_order(sched):
+                inside = sched.pipeline_order_with_comms[0]
+                assert {a.computation_type for a in inside} <= {A.FORWARD, A.SEND_F, A.RECV_F, A.UNSHARD, A.RESHARD}
+                assert [str(a) for a in inside if a.computation_type == A.FORWARD] == forwards
+            assert sched.pipeline_order_with_comms is full, "the training order must come back"
+    finally:
+        dist.destroy_process_group()

@@ -123,12 +123,14 @@ class Parallelism:
     pipeline_parallel_schedule: str = "1F1B"
     """Pipeline schedule: GPipe or 1F1B (one stage per rank); Interleaved1F1B, LoopedBFS or InterleavedZeroBubble
     (looped: rank r runs stages r, r + pp, ...); ZBVZeroBubble or DualPipeV (V-shaped: exactly 2 stages per rank,
-    rank r runs stages r and 2 x pp - 1 - r). Names are case-insensitive."""
+    rank r runs stages r and 2 x pp - 1 - r); PipelineScheduleSingle or PipelineScheduleMulti (one or several
+    looped stages per rank) with pipeline_parallel_schedule_csv. Names are case-insensitive."""
     pipeline_parallel_microbatch_size: int = 1
     """Sequences per pipeline microbatch; training.local_batch_size / this = microbatches per schedule step."""
     pipeline_parallel_schedule_csv: str | None = ""
-    """CSV file that lists a custom pipeline schedule action by action, run by pipeline_parallel_schedule's runtime;
-    empty (or unset) runs the named schedule as it is."""
+    """CSV file with a custom pipeline schedule, run by torch's schedule runtime: one row per pp rank, one compute
+    action per cell (stage, F / B / I / W, microbatch: 0F1, 2B3; empty: idle). Needs pipeline_parallel_schedule
+    PipelineScheduleSingle or PipelineScheduleMulti, which lay out the stages. Empty (or unset): none."""
     pipeline_parallel_expert_parallel_overlap: bool = True
     """With DualPipeV and expert parallel: overlap one microbatch's expert all-to-all with another's compute."""
     pipeline_parallel_layers_per_stage: int | None = None

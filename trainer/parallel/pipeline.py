@@ -11,6 +11,13 @@ work and norm + output as `..._last_stage_less_layers`; the work is split as eve
 taking the remainder. Single-stage schedules give each rank one stage; looped ones give rank r the stages
 r, r + pp, ...; V-shaped ones (ZBVZeroBubble, DualPipeV) give rank r the stages r and 2 pp - 1 - r.
 
+A schedule from a CSV file (pipeline_parallel_schedule_csv, with pipeline_parallel_schedule PipelineScheduleSingle
+or PipelineScheduleMulti, as in torchtitan) lays out its stages like a single-stage or a looped schedule and runs
+the file's order through torch's runtime. The file is checked against the plan before anything is built: one row
+per pp rank, each stage on the rank the plan puts it, each microbatch once forward and once backward per stage.
+
+Validation runs the same schedule forward only (`Pipeline.evaluate`), with a loss of its own passed in.
+
 Loss: the schedule calls loss_fn on each microbatch's logits on the last stage. We divide it by the number of
 microbatches and pass scale_grads=False, so the microbatch losses sum to the local-batch mean and the gradients
 are those of the unsplit model without any rescaling.
@@ -34,8 +41,11 @@ from torch.distributed.pipelining.schedules import (PipelineScheduleSingle, Sche
 
 from trainer.config import ConfigError
 from trainer.parallel_dims import ParallelDims
+from trainer.torch_private import check_schedule_actions, csv_schedule, forward_only_order, read_schedule_csv
 
 SCHEDULES = ("GPipe", "1F1B", "Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV")
+# The schedule names that take their order from pipeline_parallel_schedule_csv (and only from it).
+CSV_SCHEDULES = ("PipelineScheduleSingle", "PipelineScheduleMulti")
 _KEY = "parallelism.pipeline_parallel"
 
 
@@ -48,6 +58,8 @@ class PipelinePlan:
     modules_per_stage: list[list[str]]
     pp: int
     n_microbatches: int
+    csv: str | None = None
+    """The schedule's CSV file (schedule is then one of CSV_SCHEDULES); None for a named schedule."""
 
     @property
     def n_stages(self) -> int:
@@ -71,7 +83,8 @@ class PipelinePlan:
     def describe(self) -> str:
         """One line: schedule, counts, and each stage's modules (layer runs compressed as layers.a-b)."""
         stages = " | ".join(f"{i}: {_compress(m)}" for i, m in enumerate(self.modules_per_stage))
-        return (f"pipeline {self.schedule}: {self.n_stages} stages ({self.n_stages // self.pp} per rank), "
+        source = f" from {self.csv}" if self.csv else ""
+        return (f"pipeline {self.schedule}{source}: {self.n_stages} stages ({self.n_stages // self.pp} per rank), "
                 f"{self.n_microbatches} microbatches per step; stages {stages}")
 
 
@@ -84,14 +97,68 @@ def _compress(modules: list[str]) -> str:
     return ", ".join(modules)
 
 
-def _schedule_class(name: str) -> type:
+def _schedule_class(name: str, csv: str | None) -> type:
     try:
         cls = get_schedule_class(name)
     except ValueError:
         cls = None
-    if cls is None or cls.__name__.removeprefix("Schedule") not in SCHEDULES:
+    canonical = cls and cls.__name__.removeprefix("Schedule")
+    if csv and canonical not in CSV_SCHEDULES:
+        raise ConfigError(f"{_KEY}_schedule = {name!r} with {_KEY}_schedule_csv = {csv!r}: a CSV schedule runs as "
+                          f"{' or '.join(CSV_SCHEDULES)} (one stage per rank, or looped); set one of them")
+    if not csv and canonical in CSV_SCHEDULES:
+        raise ConfigError(f"{_KEY}_schedule = {name!r} runs a schedule from a CSV file; set {_KEY}_schedule_csv "
+                          f"to one, or use one of {', '.join(SCHEDULES)}")
+    if not csv and canonical not in SCHEDULES:
         raise ConfigError(f"{_KEY}_schedule = {name!r} is not one of {', '.join(SCHEDULES)}")
     return cls
+
+
+def check_schedule_csv(path: str, plan: "PipelinePlan") -> None:
+    """ConfigError unless the CSV at `path` runs `plan`: a row per pp rank, the plan's stages on the plan's ranks,
+    and every microbatch of every stage once forward and once backward (B, or I then W)."""
+    key = f"{_KEY}_schedule_csv = {path!r}"
+    try:
+        actions = read_schedule_csv(path)
+    except FileNotFoundError:
+        raise ConfigError(f"{key} does not exist; point it at a schedule CSV (see tests/assets/pipeline)") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ConfigError(f"{key} is not a schedule CSV ({e}); write one action per cell, such as 0F1 or 2B3")
+    if len(actions) != plan.pp:
+        raise ConfigError(f"{key} has {len(actions)} rows but pipeline_parallel_degree is {plan.pp}; write one row "
+                          f"per pipeline rank")
+    flat = [(rank, a) for rank, row in actions.items() for action in row if action is not None
+            for a in (action.sub_actions or (action,))]
+    for rank, a in flat:
+        if not 0 <= a.stage_index < plan.n_stages:
+            raise ConfigError(f"{key}: rank {rank} runs stage {a.stage_index}, but the plan has {plan.n_stages} "
+                              f"stages ({plan.n_stages // plan.pp} per rank); write stages 0 to {plan.n_stages - 1}")
+        if a.stage_index not in plan.stage_ids(rank):
+            raise ConfigError(f"{key}: rank {rank} runs stage {a.stage_index}, but {plan.schedule} places it on "
+                              f"rank {a.stage_index % plan.pp}; stage s runs on rank s mod {plan.pp}")
+        if a.microbatch_index is None or not 0 <= a.microbatch_index < plan.n_microbatches:
+            raise ConfigError(f"{key}: rank {rank} runs {a}, but a step has {plan.n_microbatches} microbatches "
+                              f"(training.local_batch_size / {_KEY}_microbatch_size); number them 0 to "
+                              f"{plan.n_microbatches - 1}")
+    seen = [str(a) for _, a in flat]
+    if len(seen) != len(set(seen)):
+        twice = next(a for a in seen if seen.count(a) > 1)
+        raise ConfigError(f"{key} runs {twice} twice; run each action once")
+    missing = sorted({s for s in range(plan.n_stages)} - {a.stage_index for _, a in flat})
+    if missing:
+        raise ConfigError(f"{key} never runs stage {missing[0]} of the plan's {plan.n_stages} ({plan.schedule} at "
+                          f"pipeline_parallel_degree {plan.pp}); write actions for stages 0 to {plan.n_stages - 1} "
+                          f"or change the stage count ({_KEY}_layers_per_stage)")
+    for stage in range(plan.n_stages):
+        forwards = sum(a.stage_index == stage and a.computation_type.value == "F" for _, a in flat)
+        if forwards != plan.n_microbatches:
+            raise ConfigError(f"{key} runs stage {stage} forward on {forwards} microbatches, but a step has "
+                              f"{plan.n_microbatches} (training.local_batch_size / {_KEY}_microbatch_size); "
+                              f"run each one")
+    try:
+        check_schedule_actions(actions, plan.pp, plan.n_stages, plan.n_microbatches)
+    except ValueError as e:
+        raise ConfigError(f"{key}: {e}; run every microbatch forward, then backward, on every stage") from None
 
 
 def split_evenly(n_stages: int, n_layers: int, first_less: int, last_less: int) -> list[list[str]]:
@@ -142,7 +209,8 @@ def _check_explicit(stages: list[list[str]], n_layers: int) -> None:
 def plan_pipeline(parallelism, local_batch_size: int, n_layers: int) -> PipelinePlan:
     """Check the pipeline keys against the model's depth and the batch (ConfigError one-liners) and plan stages."""
     p, pp = parallelism, parallelism.pipeline_parallel_degree
-    cls = _schedule_class(p.pipeline_parallel_schedule)
+    csv = p.pipeline_parallel_schedule_csv or None
+    cls = _schedule_class(p.pipeline_parallel_schedule, csv)
     name = cls.__name__.removeprefix("Schedule")
     single, v_style = issubclass(cls, PipelineScheduleSingle), cls in (ScheduleZBVZeroBubble, ScheduleDualPipeV)
     first_less, last_less = p.pipeline_parallel_first_stage_less_layers, p.pipeline_parallel_last_stage_less_layers
@@ -176,7 +244,10 @@ def plan_pipeline(parallelism, local_batch_size: int, n_layers: int) -> Pipeline
         raise ConfigError(f"{_KEY}_schedule = {name!r} needs the microbatch count to be below "
                           f"pipeline_parallel_degree {pp} or a multiple of {rounds} rounds, but {counts}; "
                           f"use a multiple of {pp}")
-    return PipelinePlan(name, modules, pp, n_mb)
+    plan = PipelinePlan(name, modules, pp, n_mb, csv)
+    if csv:
+        check_schedule_csv(csv, plan)
+    return plan
 
 
 def split_model(model: nn.Module, modules: list[str]) -> nn.Module:
@@ -230,6 +301,23 @@ class Pipeline:
         return self.tied_copies[-1:] if self.tied and self.has_last_stage else []
 
     @torch.no_grad()
+    def evaluate(self, inputs: torch.Tensor, labels: torch.Tensor, loss_fn: Callable, **kwargs) -> torch.Tensor | None:
+        """Run one local batch forward through the schedule (no backward, no gradients) and return the sum of
+        `loss_fn(logits, labels)` over its microbatches on the rank holding the last stage, None on the others.
+        `kwargs` (document ids) are cut into microbatches with the tokens and reach every stage, as in training.
+
+        The schedule's own `eval`: torch re-infers the stages' shapes on each switch between training and
+        evaluation, so the validation batch may have another sequence length (its size must still split into the
+        training's microbatch count). Runtime schedules run the forward half of their order (forward_only_order).
+        """
+        losses: list[torch.Tensor] = []
+        with forward_only_order(self.schedule):
+            self.schedule.eval(*([inputs] if self.has_first_stage else []),
+                               target=labels if self.has_last_stage else None, losses=losses,
+                               loss_kwargs={"evaluation_loss": loss_fn}, return_outputs=False, **kwargs)
+        return torch.stack(losses).sum() if self.has_last_stage else None
+
+    @torch.no_grad()
     def sync_tied_grads(self) -> None:
         """Sum the two copies' gradients of a tied embedding/output matrix, so both copies step alike."""
         grads = [p.grad for p in self.tied_copies if p.grad is not None]
@@ -267,13 +355,19 @@ def build_pipeline(model: nn.Module, plan: PipelinePlan, dims: ParallelDims, dev
               for i, part in zip(stage_ids, parts)]
     n_mb = plan.n_microbatches
 
-    def microbatch_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def microbatch_loss(logits: torch.Tensor, labels: torch.Tensor, evaluation_loss=None) -> torch.Tensor:
+        # Pipeline.evaluate passes its own loss through the schedule's loss_kwargs.
+        if evaluation_loss is not None:
+            return evaluation_loss(logits, labels)
         return loss_fn(logits, labels) / n_mb
 
     cls = get_schedule_class(plan.schedule)
     try:
-        schedule = cls(stages[0] if issubclass(cls, PipelineScheduleSingle) else stages, n_microbatches=n_mb,
-                       loss_fn=microbatch_loss, scale_grads=False)
+        if plan.csv:
+            schedule = csv_schedule(stages, n_mb, microbatch_loss, plan.csv)
+        else:
+                schedule = cls(stages[0] if issubclass(cls, PipelineScheduleSingle) else stages, n_microbatches=n_mb,
+                           loss_fn=microbatch_loss, scale_grads=False)
     except ValueError as e:  # a constraint of this torch version that plan_pipeline does not know yet
         raise ConfigError(f"{_KEY}_schedule = {plan.schedule!r}: {' '.join(str(e).split())}") from None
 
