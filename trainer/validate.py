@@ -17,8 +17,10 @@ RNG states restored (a DataLoader iterator draws its seed from the global genera
 and scheduler untouched; FSDP modules resharded as a training step leaves them.
 
 The model runs through the same `ModelParts.batch_context` as training (context parallel's sharding, loss
-parallel), so every layout without pipeline parallel validates as it trains; pipeline parallel is refused until
-validation runs through the schedule's evaluation path.
+parallel), so every layout validates as it trains. With pipeline parallel each batch runs forward only through the
+training's schedule (`Pipeline.evaluate`, every schedule, composed with TP, CP and FSDP): the schedule cuts it into
+the training's number of microbatches, so validation.local_batch_size must be a multiple of that number; the
+last stage's ranks hold the loss sum, and the others count no tokens, so the final all-reduce adds it up once.
 """
 
 import contextlib
@@ -72,10 +74,14 @@ def check_validation_layout(cfg: JobConfig, dims: ParallelDims) -> None:
     """Checks of [validation] against the parallel layout (DRY_RUN and the Trainer); ConfigError if one fails."""
     if not cfg.validation.enable:
         return
-    if dims.pp > 1:
-        raise ConfigError("validation.enable = true with pipeline_parallel_degree > 1: validation does not run "
-                          "through the pipeline schedule yet; disable one of them")
-    dims.check_seq_len("validation.seq_len", validation_data(cfg).seq_len)
+    data, p = validation_data(cfg), cfg.parallelism
+    n_microbatches = cfg.training.local_batch_size // p.pipeline_parallel_microbatch_size
+    if dims.pp > 1 and data.local_batch_size % n_microbatches:
+        raise ConfigError(f"validation.local_batch_size = {data.local_batch_size} with pipeline parallel: the "
+                          f"schedule cuts a batch into {n_microbatches} microbatches (training.local_batch_size "
+                          f"{cfg.training.local_batch_size} / pipeline_parallel_microbatch_size "
+                          f"{p.pipeline_parallel_microbatch_size}); use a multiple of {n_microbatches}")
+    dims.check_seq_len("validation.seq_len", data.seq_len)
 
 
 def check_validation_data(cfg: JobConfig) -> None:
@@ -110,6 +116,10 @@ class ValidationResult:
     seconds: float
 
 
+def _summed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum")
+
+
 class Validator:
     """Builds the validation loader once; `validate` evaluates the model on it and logs the result.
 
@@ -131,6 +141,7 @@ class Validator:
             raise ConfigError(f"validation.dataset = {self.data.dataset!r}: {e}") from None
         # Every pass starts from here: a pass cut short (steps = N, or another rank ran out) would otherwise resume.
         self._start_state = self.loader.state_dict()
+        # Ranks that hold the same tokens count them once: tp rank 0 (under PP only a last stage, see _batch_loss).
         self._owns_tokens = dims.coordinate("tp")[0] == 0
 
     def should_validate(self, step: int) -> bool:
@@ -193,12 +204,19 @@ class Validator:
 
     def _batch_loss(self, model, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
         """(summed cross-entropy, token count) of this rank's tokens of one batch."""
+        kwargs = model.forward_kwargs(inputs)
         with model.batch_context(inputs, labels):
             # Inside the context inputs and labels are this rank's part of the sequence.
-            with model.autocast:
-                logits = model.model(inputs, **model.forward_kwargs(inputs))
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum")
             tokens = labels.numel()
+            if model.pipeline is not None:
+                with model.autocast:
+                    loss = model.pipeline.evaluate(inputs, labels, _summed_cross_entropy, **kwargs)
+                if loss is None:  # not a last-stage rank: the loss and its tokens are counted there
+                    return torch.zeros((), dtype=torch.float64, device=self.device), 0
+            else:
+                with model.autocast:
+                    logits = model.model(inputs, **kwargs)
+                loss = _summed_cross_entropy(logits, labels)
         # A loss-parallel loss is a DTensor replicated over tp: the local value is the whole sum.
         loss = loss.to_local() if isinstance(loss, DTensor) else loss
         return loss.double(), tokens

@@ -1,6 +1,8 @@
 """Validation inside the real training loop, in every landed layout, against a hand evaluation in this process.
 
-Each run trains 4 steps and validates after steps 2 and 4 on a one-document split of 11 windows. Checked: the logged
+Each run trains 4 steps and validates after steps 2 and 4 on a one-document split of 11 windows. Under pipeline
+parallel the batch runs forward only through the training's schedule (every kind: single-stage, looped, V-shaped,
+DualPipeV, a CSV; and composed with tp and cp), with validation windows of 32 tokens after training ones of 64. Checked: the logged
 loss equals a plain forward of the same weights over the same windows (within 1e-6); the windows evaluated are the
 first batches x local_batch_size x dp of the split, also when dp ranks hold different numbers of windows (6 and 5
 with dp=2, so one rank runs out first and nothing may hang); the RNG state and train mode are left as they were; and
@@ -36,6 +38,31 @@ LAYOUTS = {
                                               "training.local_batch_size": 4, "validation.local_batch_size": 2},
                                           False),
 }
+
+
+def _pp(schedule: str, **spec) -> dict:
+    """Pipeline parallel: 4 microbatches of 1 per training step, so a validation batch of 4 is cut alike."""
+    return {"parallelism.pipeline_parallel_degree": 2, "parallelism.pipeline_parallel_schedule": schedule,
+            "parallelism.data_parallel_shard_degree": 1, "training.local_batch_size": 4,
+            "validation.local_batch_size": 4, **spec}
+
+
+# name -> (ranks, overrides, slow): validation through the pipeline schedule's forward-only pass.
+PP_LAYOUTS = {
+    "pp=2 1F1B": (2, _pp("1F1B"), False),
+    "pp=2 Interleaved1F1B": (2, _pp("Interleaved1F1B"), True),
+    "pp=2 ZBVZeroBubble": (2, _pp("ZBVZeroBubble"), True),
+    "pp=2 DualPipeV": (2, _pp("DualPipeV"), True),
+    "pp=2 CSV schedule": (2, _pp("PipelineScheduleMulti", **{
+        "parallelism.pipeline_parallel_schedule_csv": "tests/assets/pipeline/zero_bubble_pp2_4stages_4mb.csv"}),
+        True),
+    "pp=2 x dp_shard=2 Interleaved1F1B": (4, _pp("Interleaved1F1B", **{
+        "parallelism.data_parallel_shard_degree": 2, "training.local_batch_size": 2,
+        "validation.local_batch_size": 2}), True),  # FSDP's unshard/reshard in the forward-only order
+    "pp=2 x tp=2 x cp=2 1F1B": (8, _pp("1F1B", **{"parallelism.tensor_parallel_degree": 2,
+                                                   "parallelism.context_parallel_degree": 2}), True),
+}
+LAYOUTS.update({name: (ranks, spec, name == "pp=2 1F1B") for name, (ranks, spec, _) in PP_LAYOUTS.items()})
 
 pytestmark = pytest.mark.distributed
 
@@ -92,7 +119,8 @@ def expected_batches(n_windows: int, local_batch: int, dp: int, steps: int) -> i
     return available if steps == -1 else min(steps, available)
 
 
-@pytest.mark.parametrize("name", LAYOUTS)
+@pytest.mark.parametrize("name", [pytest.param(name, marks=[pytest.mark.slow] if PP_LAYOUTS.get(name, (0, 0, 0))[2]
+                                                else []) for name in LAYOUTS])
 def test_validation_matches_hand_evaluation(name, split, pool, tmp_path):
     ranks, spec, compare_off = LAYOUTS[name]
     val_file, windows = split

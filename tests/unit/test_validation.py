@@ -84,3 +84,22 @@ def test_passes_restart_and_leave_training_alone(tmp_path):
     for name, p in model.named_parameters():
         assert p.grad is None and torch.equal(p.detach(), params[name]), name
     trainer.close()
+
+
+def test_pipeline_parallel_validation_batch_splits_into_the_microbatches():
+    from trainer.parallel_dims import ParallelDims
+    from trainer.validate import check_validation_layout
+
+    def check(val_batch: int) -> None:
+        cfg = load_config(["--parallelism.pipeline_parallel_degree", "2", "--parallelism.data_parallel_shard_degree",
+                           "1", "--training.local_batch_size", "4", "--validation.enable",
+                           "--validation.local_batch_size", str(val_batch)])
+        check_validation_layout(cfg, ParallelDims.resolve(cfg.parallelism, 2))
+
+    check(4)
+    check(8)
+    with pytest.raises(ConfigError) as e:
+        check(6)
+    assert str(e.value) == ("validation.local_batch_size = 6 with pipeline parallel: the schedule cuts a batch into "
+                            "4 microbatches (training.local_batch_size 4 / pipeline_parallel_microbatch_size 1); "
+                            "use a multiple of 4")
