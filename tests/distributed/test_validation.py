@@ -19,6 +19,7 @@ from tests.distributed.launch import ROOT
 from tests.distributed.layouts import base_overrides, layout_args
 from trainer.data.datasets import C4_TEST_PATH, build_dataset
 from trainer.data.tokenizer import Tokenizer
+from trainer.models.attention import document_ids
 from trainer.models.llama import Transformer, get_model_args
 
 TRAIN_STEPS, FREQ, VAL_SEQ, TRAIN_SEQ = 4, 2, 32, 64
@@ -97,9 +98,11 @@ def run(pool, ranks: int, out, args: list[str], dcp_dir=None) -> tuple[dict, str
     return torch.load(out, weights_only=True), proc.stdout
 
 
-def hand_evaluation(params: dict[str, torch.Tensor], windows: list) -> float:
-    """Token-mean cross-entropy of the model with `params` over `windows`, a plain forward in this process."""
-    args = get_model_args("llama3", "debugmodel")
+def hand_evaluation(params: dict[str, torch.Tensor], windows: list, flavor: str = "debugmodel",
+                    eos_id: int | None = None) -> float:
+    """Token-mean cross-entropy of the model with `params` over `windows`, a plain forward in this process; with
+    `eos_id`, attention stays within each document (a block-causal flavor)."""
+    args = get_model_args("llama3", flavor)
     args.max_seq_len = TRAIN_SEQ
     model = Transformer(args)
     model.load_state_dict(params)
@@ -107,7 +110,8 @@ def hand_evaluation(params: dict[str, torch.Tensor], windows: list) -> float:
     total, count = torch.zeros((), dtype=torch.float64), 0
     with torch.no_grad():
         for inputs, labels in windows:
-            logits = model(inputs[None])
+            kwargs = {} if eos_id is None else {"document_ids": document_ids(inputs[None], eos_id)}
+            logits = model(inputs[None], **kwargs)
             total += F.cross_entropy(logits[0], labels, reduction="sum").double()
             count += labels.numel()
     return (total / count).item()
@@ -149,6 +153,29 @@ def test_validation_matches_hand_evaluation(name, split, pool, tmp_path):
         assert off["validations"] == []
     if dcp_dir is not None:
         check_generate_reads_sharded_dcp(dcp_dir, got["validations"][-1]["params"])
+
+
+@pytest.mark.slow
+def test_block_causal_validation_under_pipeline_parallel(pool, tmp_path):
+    """The document ids reach every stage of the validation pass (as in training): on a split of short documents
+    the logged loss is the block-causal hand evaluation's, which the causal one is far from."""
+    tokenizer = Tokenizer.from_path(ROOT / "tests/assets/tokenizer")
+    text = (C4_TEST_PATH / "validation.jsonl").read_text(encoding="utf-8").splitlines()[0]
+    body = json.loads(text)["text"]
+    val_file = tmp_path / "short_documents.jsonl"
+    val_file.write_text("".join(json.dumps({"text": body[i:i + 60]}) + "\n" for i in range(0, 60 * 24, 60)))
+    windows = list(build_dataset("jsonl", str(val_file), tokenizer, VAL_SEQ, 0, 1, split="validation",
+                                 infinite=False))
+    ranks, spec, _ = PP_LAYOUTS["pp=2 1F1B"]
+    flex = {**spec, "model.flavor": "debugmodel_flex_attn"}
+    got, _ = run(pool, ranks, tmp_path / "on.pt", overrides(flex, val_file, True))
+    evaluated = windows[:(len(windows) // 4) * 4]
+    for v in got["validations"]:
+        masked = hand_evaluation(v["params"], evaluated, "debugmodel_flex_attn", tokenizer.eos_id)
+        causal = hand_evaluation(v["params"], evaluated, "debugmodel_flex_attn")
+        print(f"step {v['step']}: logged {v['loss']!r}, block-causal hand {masked!r}, causal hand {causal!r}")
+        assert abs(causal - masked) > 1e-3, "the split's windows must cross documents, or the mask changes nothing"
+        assert abs(v["loss"] - masked) <= TOLERANCE
 
 
 def check_generate_reads_sharded_dcp(dcp_dir, final_params: dict[str, torch.Tensor]) -> None:
