@@ -106,6 +106,7 @@ ONE_F1B = "0F0,0F1,,0B0,0B1\n,1F0,1B0,1F1,1B1\n"  # single-stage 1F1B over 2 ran
      "microbatch 1 without first running Forward"),
     ("1F0\n,\n", "PipelineScheduleMulti", 4, "rank 0 runs stage 1, but"),
     ("4F0\n,\n", "PipelineScheduleMulti", 4, "the plan has 4 stages"),
+    ("0F0,0SEND_F0\n,\n", "PipelineScheduleMulti", 4, "runs 0SEND_F0; write compute actions only"),
     ("binary", "PipelineScheduleMulti", 4, "is not a schedule CSV ('utf-8' codec"),
     (ONE_F1B, "1F1B", 2, "a CSV schedule runs as PipelineScheduleSingle or PipelineScheduleMulti"),
 ])

@@ -136,6 +136,9 @@ def check_schedule_csv(path: str, plan: "PipelinePlan") -> None:
         if a.stage_index not in plan.stage_ids(rank):
             raise ConfigError(f"{key}: rank {rank} runs stage {a.stage_index}, but {plan.schedule} places it on "
                               f"rank {a.stage_index % plan.pp}; stage s runs on rank s mod {plan.pp}")
+        if a.computation_type.value not in ("F", "B", "I", "W"):
+            raise ConfigError(f"{key}: rank {rank} runs {a}; write compute actions only (F, B, I, W: torch's runtime "
+                              f"adds the sends, receives and FSDP unshard/reshard)")
         if a.microbatch_index is None or not 0 <= a.microbatch_index < plan.n_microbatches:
             raise ConfigError(f"{key}: rank {rank} runs {a}, but a step has {plan.n_microbatches} microbatches "
                               f"(training.local_batch_size / {_KEY}_microbatch_size); number them 0 to "
@@ -366,7 +369,7 @@ def build_pipeline(model: nn.Module, plan: PipelinePlan, dims: ParallelDims, dev
         if plan.csv:
             schedule = csv_schedule(stages, n_mb, microbatch_loss, plan.csv)
         else:
-                schedule = cls(stages[0] if issubclass(cls, PipelineScheduleSingle) else stages, n_microbatches=n_mb,
+            schedule = cls(stages[0] if issubclass(cls, PipelineScheduleSingle) else stages, n_microbatches=n_mb,
                            loss_fn=microbatch_loss, scale_grads=False)
     except ValueError as e:  # a constraint of this torch version that plan_pipeline does not know yet
         raise ConfigError(f"{_KEY}_schedule = {plan.schedule!r}: {' '.join(str(e).split())}") from None
