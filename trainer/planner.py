@@ -11,8 +11,8 @@ Memory per rank (the fullest pipeline rank):
   stages (plan_run's PipelinePlan) and sharded on dim 0 over dp_shard x cp as FSDP2 does (rank 0's chunk is the
   largest). A test checks this against the fully parallelized model.
 - activations of one microbatch (trainer.dry_run.activation_bytes for the AC mode, the rank's layers and whether it
-  holds the output), times the microbatches in flight on that rank under its schedule, plus the fp32 gradient of
-  the logits that exists next to them when backward starts.
+  holds the output), times the microbatches in flight on that rank under its schedule, plus backward's transients:
+  the gradients of one block's intermediates and the loss's two fp32 gradients beside the saved logits.
 - communication buffers: FSDP's all-gathered blocks in the compute dtype (current and prefetched, or all of them
   when blocks stay unsharded between forward and backward), its reduce-scatter inputs in the reduce dtype, the root
   module (embedding, norm, output) kept unsharded through the step; sequence-parallel, ring-attention and pipeline
@@ -217,8 +217,13 @@ class Planner:
                                    n_layers=len(blocks), logits=output, ac_mode=layout.ac_mode,
                                    selective_ac_option=ac.selective_ac_option)
             act *= _in_flight(pp_plan.schedule if pp_plan else "", n_mb, layout.pp, len(stage_ids), r)
-            if output:  # the fp32 gradient of the logits, next to the saved ones as backward starts
-                act += mb_tokens * args.vocab_size * 4 // (layout.tp if plan.dims.loss_parallel_enabled else 1)
+            # Backward's peak on top of what forward saved: the gradients of one block's intermediates while it
+            # runs backward, and on the output rank the loss's two fp32 gradients (of the log-probabilities and of
+            # the logits) next to the saved logits.
+            if blocks:
+                act += activation_bytes(args, mb_tokens, pbytes, layout.tp, False, n_layers=1, logits=False)
+            if output:
+                act += mb_tokens * args.vocab_size * 8 // (layout.tp if plan.dims.loss_parallel_enabled else 1)
             reshard = {"always": True, "never": False, "default": layout.pp == 1}[layout.reshard]
             comm = 0
             if plan.dims.fsdp_enabled:
@@ -303,6 +308,10 @@ def smallest_fitting_world(cfg: JobConfig, world_size: int, device: str, gpus_pe
     return None
 
 
+def _flops(f: float) -> str:
+    return f"{f / 1e12:,.0f} TFLOP/s" if f >= 1e12 else f"{f / 1e9:,.1f} GFLOP/s"
+
+
 def _gib(b: float) -> str:
     return f"{b / GiB:.1f}"
 
@@ -310,7 +319,7 @@ def _gib(b: float) -> str:
 def format_plan(result: PlanResult, cfg: JobConfig, world_size: int, device: DeviceProfile, top: int) -> str:
     lines = [f"plan: {cfg.model.name} {cfg.model.flavor}, seq_len {cfg.training.seq_len}, global batch "
              f"{cfg.training.global_batch_size}, on {world_size} x {device.name} ({_gib(device.memory_bytes)} GiB "
-             f"each, {device.peak_flops / 1e12:.3g} TFLOP/s peak at {device.achievable:.0%} achievable); "
+             f"each, {_flops(device.peak_flops)} peak at {device.achievable:.0%} achievable); "
              f"memory in GiB on the fullest rank"]
     header = ("#", "layout", "pp schedule", "AC", "reshard", "lbs", "accum", *MEMORY_PARTS, "total", "step s",
               "tok/s/dev", "MFU")
@@ -319,7 +328,7 @@ def format_plan(result: PlanResult, cfg: JobConfig, world_size: int, device: Dev
         L = e.layout
         rows.append((str(i), L.describe(), f"{L.schedule} mb {L.microbatch_size}" if L.pp > 1 else "-", L.ac_mode,
                      L.reshard, str(L.local_batch), str(e.accum_steps), *(_gib(e.memory[p]) for p in MEMORY_PARTS),
-                     _gib(e.memory["total"]), f"{e.seconds['total']:.3f}", f"{e.tokens_per_second:,.0f}",
+                     _gib(e.memory["total"]), f"{e.seconds['total']:.4g}", f"{e.tokens_per_second:,.0f}",
                      f"{e.mfu:.1%}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines += ["  ".join(c.rjust(w) if i not in (1, 2, 3, 4) else c.ljust(w) for i, (c, w) in
