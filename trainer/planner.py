@@ -312,6 +312,10 @@ def _flops(f: float) -> str:
     return f"{f / 1e12:,.0f} TFLOP/s" if f >= 1e12 else f"{f / 1e9:,.1f} GFLOP/s"
 
 
+def _seconds(t: float) -> str:
+    return f"{t:.3f}" if t >= 0.001 else f"{t:.1e}"
+
+
 def _gib(b: float) -> str:
     return f"{b / GiB:.1f}"
 
@@ -328,7 +332,7 @@ def format_plan(result: PlanResult, cfg: JobConfig, world_size: int, device: Dev
         L = e.layout
         rows.append((str(i), L.describe(), f"{L.schedule} mb {L.microbatch_size}" if L.pp > 1 else "-", L.ac_mode,
                      L.reshard, str(L.local_batch), str(e.accum_steps), *(_gib(e.memory[p]) for p in MEMORY_PARTS),
-                     _gib(e.memory["total"]), f"{e.seconds['total']:.4g}", f"{e.tokens_per_second:,.0f}",
+                     _gib(e.memory["total"]), _seconds(e.seconds["total"]), f"{e.tokens_per_second:,.0f}",
                      f"{e.mfu:.1%}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines += ["  ".join(c.rjust(w) if i not in (1, 2, 3, 4) else c.ljust(w) for i, (c, w) in
