@@ -10,9 +10,10 @@ Memory per rank (the fullest pipeline rank):
   parallel (built on meta on a fake process group of tp ranks, once per tp degree) cut into this rank's pipeline
   stages (plan_run's PipelinePlan) and sharded on dim 0 over dp_shard x cp as FSDP2 does (rank 0's chunk is the
   largest). A test checks this against the fully parallelized model.
-- activations of one microbatch (trainer.dry_run.activation_bytes for the AC mode, the rank's layers and whether it
-  holds the output), times the microbatches in flight on that rank under its schedule, plus backward's transients:
-  the gradients of one block's intermediates and the loss's two fp32 gradients beside the saved logits.
+- activations: what one microbatch's blocks save (trainer.dry_run.activation_bytes for the AC mode and the rank's
+  layers) times the microbatches in flight on that rank under its schedule, plus the larger of backward's two
+  peaks: at the loss (logits, fp32 log-probabilities and their gradients) or in a checkpointed block (recomputed,
+  with its gradients). Checked against a counted forward and backward on fake tensors (tests/unit/test_planner.py).
 - communication buffers: FSDP's all-gathered blocks in the compute dtype (current and prefetched, or all of them
   when blocks stay unsharded between forward and backward), its reduce-scatter inputs in the reduce dtype, the root
   module (embedding, norm, output) kept unsharded through the step; sequence-parallel, ring-attention and pipeline
@@ -176,10 +177,29 @@ class Planner:
         self.device: DeviceProfile = device_profile(device, world_size)
         self.shapes = _ParamShapes(cfg, self.target)
 
-    def estimate(self, layout: Layout) -> Estimate:
-        """ConfigError when plan_run refuses the layout."""
+    @staticmethod
+    def _activations(args, layout: Layout, tokens: int, pbytes: int, n_layers: int, output: bool, option: str,
+                     loss_parallel: bool, in_flight: float) -> int:
+        """Peak activation bytes of a rank holding `n_layers` blocks (and the output), `in_flight` microbatches of
+        `tokens` tokens saved at once. The peak is the larger of two moments of the last microbatch's backward:
+        the loss's (the saved logits in the compute dtype and fp32 log-probabilities, their two fp32 gradients and
+        the gradient cast back) and a checkpointed block's (recomputed in full, beside the logits the step keeps)."""
         from trainer.dry_run import activation_bytes
 
+        kept = activation_bytes(args, tokens, pbytes, layout.tp, n_layers=n_layers, logits=False,
+                                ac_mode=layout.ac_mode, selective_ac_option=option)
+        block = activation_bytes(args, tokens, pbytes, layout.tp, n_layers=1, logits=False)
+        checkpointed = layout.ac_mode == "full" or (layout.ac_mode == "selective" and option != "op"
+                                                    and n_layers >= int(option))
+        recompute = block if checkpointed and n_layers else 0
+        saved = in_flight * (kept - recompute)
+        logits = tokens * args.vocab_size // (layout.tp if loss_parallel else 1) if output else 0
+        at_loss = logits * (pbytes + 4 + 8 + (pbytes if pbytes < 4 else 0))
+        in_block = recompute + logits * pbytes
+        return int(saved + max(at_loss, in_block))
+
+    def estimate(self, layout: Layout) -> Estimate:
+        """ConfigError when plan_run refuses the layout."""
         cfg = with_overrides(self.cfg, layout.overrides())
         validate(cfg)
         plan = plan_run(cfg, self.world_size, self.target)
@@ -213,17 +233,10 @@ class Planner:
             block = max(blocks.values(), default=0)
             root = unsharded - sum(blocks.values())
             output = any(n.startswith("output") for n in mine)
-            act = activation_bytes(args, mb_tokens, pbytes, layout.tp, plan.dims.loss_parallel_enabled,
-                                   n_layers=len(blocks), logits=output, ac_mode=layout.ac_mode,
-                                   selective_ac_option=ac.selective_ac_option)
-            act *= _in_flight(pp_plan.schedule if pp_plan else "", n_mb, layout.pp, len(stage_ids), r)
-            # Backward's peak on top of what forward saved: the gradients of one block's intermediates while it
-            # runs backward, and on the output rank the loss's two fp32 gradients (of the log-probabilities and of
-            # the logits) next to the saved logits.
-            if blocks:
-                act += activation_bytes(args, mb_tokens, pbytes, layout.tp, False, n_layers=1, logits=False)
-            if output:
-                act += mb_tokens * args.vocab_size * 8 // (layout.tp if plan.dims.loss_parallel_enabled else 1)
+            act = self._activations(args, layout, mb_tokens, pbytes, len(blocks), output, ac.selective_ac_option,
+                                    plan.dims.loss_parallel_enabled,
+                                    _in_flight(pp_plan.schedule if pp_plan else "", n_mb, layout.pp,
+                                               len(stage_ids), r))
             reshard = {"always": True, "never": False, "default": layout.pp == 1}[layout.reshard]
             comm = 0
             if plan.dims.fsdp_enabled:

@@ -140,3 +140,35 @@ def test_dry_run_plan_flag(monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_:
         dry_run_main(["--plan", "--device", "tpu"])
     assert exit_.value.code == 2
+
+
+@pytest.mark.parametrize("ac", ["none", pytest.param("full", marks=pytest.mark.slow),
+                                pytest.param("selective", marks=pytest.mark.slow)])
+def test_activation_memory_against_a_counted_step_on_fake_tensors(ac):
+    """One process, fp32: the planner's activations within 15% of what forward, loss and backward of the real model
+    hold at their peak, counted on fake tensors (MemTracker)."""
+    from trainer.models.llama import Transformer
+    from trainer.parallel import parallelize
+    from trainer.torch_private import fake_peak_bytes
+    from trainer.train import cross_entropy_loss
+
+    cfg = debug_cfg("--training.seq_len", "1024", "--training.local_batch_size", "2", "--training.mixed_precision_param",
+                    "float32", "--activation_checkpoint.mode", ac, "--activation_checkpoint.selective_ac_option", "op")
+    plan_ = plan_run(cfg, 1, "cpu")
+
+    def step(model):
+        tokens = torch.randint(0, plan_.model_args.vocab_size, (2, 1024))
+        cross_entropy_loss(model(tokens), tokens).backward()
+
+    counted = fake_peak_bytes(lambda: parallelize(Transformer(plan_.model_args), plan_.dims, cfg, plan_.param_dtype,
+                                                  "cpu"), step)
+    est = Planner(cfg, 1, "h100", 8).estimate(Layout(1, 1, 1, 1, 1, ac_mode=ac, local_batch=2))
+    # The counted peak may fall where backward has made most gradients: compare parameters, gradients and
+    # activations together (the planner counts every gradient as always there).
+    predicted = sum(est.memory[k] for k in ("params", "grads", "activations"))
+    measured = counted["total"] - counted["buffer"]
+    print(f"AC {ac}: predicted {predicted / 2**20:.1f} MiB, counted {measured / 2**20:.1f} MiB",
+          {k: round(v / 2**20, 1) for k, v in counted.items()})
+    # Full AC over-predicts most (+22% measured here): a recomputed block is counted whole, but its backward frees
+    # part of it before the peak.
+    assert abs(predicted / measured - 1) < {"none": 0.15, "selective": 0.15, "full": 0.25}[ac]

@@ -110,3 +110,14 @@ def test_checkpoint_storage_extents(tmp_path):
     extents = storage_extents(dcp.FileSystemReader(str(tmp_path)).read_metadata())
     assert list(extents) == ["__0_0.distcp"]  # one file per rank, every item in it
     assert 100 * 4 + 21 * 4 <= extents["__0_0.distcp"] <= (tmp_path / "__0_0.distcp").stat().st_size
+
+
+def test_fake_peak_bytes_counts_a_linear_layer():
+    from trainer.torch_private import fake_peak_bytes
+
+    def step(linear):
+        linear(torch.randn(128, 64, requires_grad=True)).sum().backward()
+
+    counted = fake_peak_bytes(lambda: torch.nn.Linear(64, 32, bias=False), step)
+    assert counted["param"] == 64 * 32 * 4, counted  # MemTracker's kinds or its peak snapshot changed
+    assert counted["total"] == sum(v for k, v in counted.items() if k != "total") and counted["act"] > 0, counted
