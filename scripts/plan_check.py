@@ -6,7 +6,8 @@
 Each layout runs through run_train.sh via scripts/bench.py (warm-up steps left out, figures from every rank's
 TensorBoard scalars), back to back, on the debug model scaled up in sequence length so that activations dominate
 (memory: seq 2048, local batch 4; speed: seq 512, local batch 8; fp32, synthetic data). Measured memory is the
-fullest rank's peak RSS minus the RSS of a process that has only imported the trainer (measured first); predicted
+fullest rank's peak RSS minus the RSS of a process that has only imported the trainer (measured first), with glibc's
+mmap threshold fixed (MALLOC_MMAP_THRESHOLD_=131072, see below) so that the RSS follows the live tensors; predicted
 is the planner's fullest rank with `--device cpu`. Run it on a quiet machine: other processes change both the
 measured throughput and the matmul peak the CPU profile calibrates (delete ~/.cache/trainer/cpu_planner_profile.json
 to measure that again). Writes a Markdown table to stdout and the raw figures to --out (JSON).
@@ -43,10 +44,10 @@ SPEED_LAYOUTS = [
 SHAPES = {"memory": {"seq_len": 2048, "batch": 4}, "speed": {"seq_len": 512, "batch": 8}}
 
 
-def import_baseline_gib() -> float:
+def import_baseline_gib(env: dict) -> float:
     """Peak RSS of a process that imported the trainer and nothing more."""
     code = "import resource, trainer.train; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
-    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT,
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT,
                          capture_output=True, text=True, check=True).stdout
     return int(out.strip()) / 2**20
 
@@ -79,10 +80,15 @@ def main() -> None:
                                     timeout=args.timeout)
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     env.update(PYTHONPATH=str(ROOT), LOG_RANK="0")
+    if args.what == "memory":
+        # glibc raises its mmap threshold after large frees, so later tensors come from the heap and their memory
+        # stays in the RSS after they die (a 1-rank AC-full run: 1.42 GiB peak RSS by default, 0.82 GiB with a
+        # fixed threshold). Fixed, every tensor above 128 KiB is its own mapping and the RSS follows live tensors.
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
     common = ["--job.config_file", str(ROOT / "configs/debug_model.toml"), "--model.flavor", args.flavor,
               "--training.seq_len", str(shape["seq_len"]), "--training.mixed_precision_param", "float32",
               "--training.dataset", "synthetic"]
-    baseline = import_baseline_gib() if args.what == "memory" else 0.0
+    baseline = import_baseline_gib(env) if args.what == "memory" else 0.0
     rows = []
     layouts = MEMORY_LAYOUTS if args.what == "memory" else SPEED_LAYOUTS
     for layout in layouts[:args.first or None]:
