@@ -17,6 +17,7 @@ Per optimizer step on the slowest rank:
 - PP: the bubble: (pp - 1) / microbatches of the compute for GPipe / 1F1B, divided by the stages per rank for the
   interleaved schedules, a third of the 1F1B bubble for the zero-bubble ones; plus the sends between stages.
 - optimizer: AdamW streams ~32 bytes per local parameter through memory.
+- on a device whose collectives take the same cores as compute (CPU), nothing overlaps.
 
 Ring collectives: an all-gather or reduce-scatter of B bytes over n ranks moves B (n - 1) / n per rank, an
 all-reduce twice that, and each costs (n - 1) x the device's collective latency besides. A group crosses nodes when it spans more ranks than a node has, counting the mesh dims
@@ -89,9 +90,11 @@ def step_seconds(s: StepShape, dev: DeviceProfile, gpus_per_node: int) -> dict[s
     gathers = 2 if s.reshard else 1
     fsdp = (ring(gathers * s.unsharded_param_bytes, fsdp_n, s.tp, gathers * blocks)
             + ring(s.grad_reduce_bytes, fsdp_n, s.tp, blocks)) * s.microbatches
-    fsdp_exposed = max(0.0, fsdp - compute) + fsdp / blocks
+    fsdp_exposed = max(0.0, fsdp - compute) + fsdp / blocks if dev.overlaps_comm else fsdp
     # An all-reduce is a reduce-scatter and an all-gather; about half of it hides under backward.
     replicate = ring(s.grad_reduce_bytes / fsdp_n, s.dp_replicate, s.tp * fsdp_n, blocks) * s.microbatches
+    if not dev.overlaps_comm:
+        replicate *= 2
     mb_tokens = s.tokens_per_rank / s.microbatches
     tp = ring(8 * s.n_layers_rank * mb_tokens * s.dim * s.act_bytes, s.tp, 1, 8 * s.n_layers_rank) \
         * s.microbatches * s.recompute

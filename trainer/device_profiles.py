@@ -42,6 +42,9 @@ class DeviceProfile:
     """Bytes/s one rank sends in a ring collective that crosses nodes."""
     collective_latency: float
     """Seconds a collective costs however small (launch and synchronization)."""
+    overlaps_comm: bool
+    """Whether collectives run beside compute (GPU: NCCL on its own streams and SMs), or take the same cores (CPU:
+    gloo's copies and reductions compete with the matmuls), so that nothing hides behind compute."""
     overhead_bytes: int
     """Memory a rank uses beyond its tensors: allocator slack, cuBLAS/NCCL workspaces in the caching allocator."""
 
@@ -49,7 +52,8 @@ class DeviceProfile:
 def _gpu(name: str, torch_name: str, memory_gib: float, hbm_tb_s: float, link_gb_s: float, nic_gb_s: float = 50,
          achievable: float = 0.40) -> DeviceProfile:
     return DeviceProfile(name, int(memory_gib * GiB), GPU_PEAK_FLOPS[torch_name][0], achievable, hbm_tb_s * 1e12,
-                         link_gb_s * GB * _LINK_EFFICIENCY, nic_gb_s * GB * _LINK_EFFICIENCY, 20e-6, int(1.0 * GiB))
+                         link_gb_s * GB * _LINK_EFFICIENCY, nic_gb_s * GB * _LINK_EFFICIENCY, 20e-6, True,
+                         int(1.0 * GiB))
 
 
 # achievable 0.40: torchtitan reports 33-39% MFU for Llama 3.1 8B FSDP on H100 without float8
@@ -131,7 +135,7 @@ def cpu_profile(world_size: int) -> DeviceProfile:
     # the trainer (measured with run_train.sh on this machine): gloo, data loader, metrics writers.
     return DeviceProfile("cpu", ram // world_size, measured["peak_flops"] / world_size, 0.5, 10 * GB,
                          measured["gloo_bandwidth"], measured["gloo_bandwidth"], measured["gloo_latency"],
-                         int(0.12 * GiB))
+                         False, int(0.12 * GiB))
 
 
 def device_profile(name: str, world_size: int) -> DeviceProfile:

@@ -1,6 +1,7 @@
 """The layout planner (trainer/planner.py): what it enumerates, that plan_run agrees with every layout it keeps,
 that its parameter memory is the real sharded model's, the no-fit line, and a stable ranking."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -172,3 +173,17 @@ def test_activation_memory_against_a_counted_step_on_fake_tensors(ac):
     # Full AC over-predicts most (+22% measured here): a recomputed block is counted whole, but its backward frees
     # part of it before the peak.
     assert abs(predicted / measured - 1) < {"none": 0.15, "selective": 0.15, "full": 0.25}[ac]
+
+
+def test_cpu_profile_is_measured_once_and_cached(monkeypatch, tmp_path):
+    from trainer import device_profiles
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    profile = device_profiles.cpu_profile(2)
+    assert profile.peak_flops > 0 and profile.intra_node_bandwidth > 0 and 0 < profile.collective_latency < 1
+    assert not profile.overlaps_comm
+    cached = json.loads((tmp_path / "trainer" / "cpu_planner_profile.json").read_text())
+    (entry,) = cached.values()
+    assert entry["peak_flops"] == 2 * profile.peak_flops  # the machine's peak, shared by the ranks
+    monkeypatch.setattr(device_profiles, "_measure_gloo", lambda: pytest.fail("measured again"))
+    assert device_profiles.cpu_profile(4).peak_flops == entry["peak_flops"] / 4
