@@ -15,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from trainer.planner import plan_main  # noqa: E402
+from trainer.plan_report import plan_main  # noqa: E402
 
 
 def main(argv: list[str]) -> int:

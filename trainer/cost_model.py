@@ -20,8 +20,9 @@ Per optimizer step on the slowest rank:
 - on a device whose collectives take the same cores as compute (CPU), nothing overlaps.
 
 Ring collectives: an all-gather or reduce-scatter of B bytes over n ranks moves B (n - 1) / n per rank, an
-all-reduce twice that, and each costs (n - 1) x the device's collective latency besides. A group crosses nodes when it spans more ranks than a node has, counting the mesh dims
-inside it (tp innermost, then cp, dp_shard, dp_replicate, pp).
+all-reduce twice that, and each costs (n - 1) x the device's collective latency besides. A group crosses nodes when
+it spans more ranks than a node has, counting the mesh dims inside it (tp innermost, then cp, dp_shard,
+dp_replicate, pp).
 """
 
 from dataclasses import dataclass

@@ -83,7 +83,8 @@ for _ in range(5):
     dist.barrier(); start = time.perf_counter(); dist.all_reduce(x); best = min(best, time.perf_counter() - start)
 tiny, latency = torch.ones(1), float("inf")
 for _ in range(20):
-    dist.barrier(); start = time.perf_counter(); dist.all_reduce(tiny); latency = min(latency, time.perf_counter() - start)
+    dist.barrier(); start = time.perf_counter(); dist.all_reduce(tiny)
+    latency = min(latency, time.perf_counter() - start)
 if rank == 0:
     print(x.numel() * 4 / best, latency)  # a 2-rank ring all-reduce sends each rank's whole buffer once
 dist.destroy_process_group()

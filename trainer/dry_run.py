@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     # assets must be there. --device cuda|cpu: the devices the run is planned for (default cuda; the preflight
     # check plans for this machine's).
     if "--plan" in argv:  # every valid layout for NGPU ranks instead of the configured one (trainer/planner.py)
-        from trainer.planner import plan_main
+        from trainer.plan_report import plan_main
 
         sys.exit(plan_main([a for a in argv if a != "--plan"], _world_size()))
     preflight = "--preflight" in argv

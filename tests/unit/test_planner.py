@@ -153,8 +153,9 @@ def test_activation_memory_against_a_counted_step_on_fake_tensors(ac):
     from trainer.torch_private import fake_peak_bytes
     from trainer.train import cross_entropy_loss
 
-    cfg = debug_cfg("--training.seq_len", "1024", "--training.local_batch_size", "2", "--training.mixed_precision_param",
-                    "float32", "--activation_checkpoint.mode", ac, "--activation_checkpoint.selective_ac_option", "op")
+    cfg = debug_cfg("--training.seq_len", "1024", "--training.local_batch_size", "2",
+                    "--training.mixed_precision_param", "float32", "--activation_checkpoint.mode", ac,
+                    "--activation_checkpoint.selective_ac_option", "op")
     plan_ = plan_run(cfg, 1, "cpu")
 
     def step(model):
