@@ -4,7 +4,8 @@
 #   CONFIG_FILE   TOML config (default: configs/debug_model.toml)
 #   LOG_RANK      ranks that print, e.g. 0 or 0,4 (default 0)
 #   COMM_BACKEND  nccl (default with CUDA), gloo (default without; trains on CPU), nvshmem (where available)
-#   DRY_RUN=1     validate the config for NGPU ranks, print the plan, train nothing (no GPU needed)
+#   DRY_RUN=1     validate the config for NGPU ranks, print the plan, train nothing (no GPU needed); with --plan
+#                 [--device h100|h200|a100|b200|mi300|cpu] [--gpus-per-node 8]: every valid layout, best first
 # Extra arguments are config overrides: ./run_train.sh --training.steps 20 --optimizer.lr=1e-3
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

@@ -130,6 +130,18 @@ def dry_run(cfg: JobConfig, world_size: int, require_assets: bool = False, targe
     ])
 
 
+def _world_size() -> int:
+    """NGPU (default 1); exits with one line when it is not a positive number."""
+    try:
+        world_size = int(os.environ.get("NGPU", "1"))
+        if world_size < 1:
+            raise ValueError
+    except ValueError:
+        print(f"error: NGPU = {os.environ.get('NGPU')!r}: expected a positive number of ranks", file=sys.stderr)
+        sys.exit(2)
+    return world_size
+
+
 def main(argv: list[str] | None = None) -> None:
     """`python -m trainer.dry_run [--section.key value ...]`, world size from NGPU (default 1)."""
     argv = sys.argv[1:] if argv is None else argv
@@ -139,6 +151,10 @@ def main(argv: list[str] | None = None) -> None:
     # --preflight: run_train.sh's check before torchrun on this machine; silent when valid, and the
     # assets must be there. --device cuda|cpu: the devices the run is planned for (default cuda; the preflight
     # check plans for this machine's).
+    if "--plan" in argv:  # every valid layout for NGPU ranks instead of the configured one (trainer/planner.py)
+        from trainer.plan_report import plan_main
+
+        sys.exit(plan_main([a for a in argv if a != "--plan"], _world_size()))
     preflight = "--preflight" in argv
     argv = [a for a in argv if a != "--preflight"]
     target = device_type() if preflight else "cuda"
@@ -149,13 +165,7 @@ def main(argv: list[str] | None = None) -> None:
         if target not in ("cuda", "cpu"):
             print(f"error: --device {target!r}: expected cuda or cpu", file=sys.stderr)
             sys.exit(2)
-    try:
-        world_size = int(os.environ.get("NGPU", "1"))
-        if world_size < 1:
-            raise ValueError
-    except ValueError:
-        print(f"error: NGPU = {os.environ.get('NGPU')!r}: expected a positive number of ranks", file=sys.stderr)
-        sys.exit(2)
+    world_size = _world_size()
     try:
         cfg = load_config(argv)
         report = dry_run(cfg, world_size, require_assets=preflight, target=target)

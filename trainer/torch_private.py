@@ -257,3 +257,27 @@ def forward_only_order(schedule):
         yield
     finally:
         schedule.pipeline_order_with_comms = full
+
+
+def fake_peak_bytes(build, step) -> dict[str, int]:
+    """Bytes by kind (param, buffer, grad, act, temp, opt, oth) and "total" at the peak of `step(module)`, where
+    `module = build()`, counted on fake tensors: no memory is allocated, so any size can be counted on any machine.
+    torch 2.13: FakeTensorMode (torch._subclasses.fake_tensor) and MemTracker (torch.distributed._tools.mem_tracker,
+    whose peak snapshot is the breakdown at the moment the total peaked). The layout planner's tests check their
+    activation figures against it."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    with FakeTensorMode():
+        module = build()
+        tracker = MemTracker()
+        tracker.track_external(module)
+        with tracker:
+            step(module)
+        peak = tracker.get_tracker_snapshot("peak")
+    out: dict[str, int] = {}
+    for per_kind in peak.values():
+        for kind, n in per_kind.items():
+            name = str(kind).rsplit(".", 1)[-1].lower()
+            out[name] = out.get(name, 0) + n
+    return out

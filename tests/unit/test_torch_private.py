@@ -152,3 +152,14 @@ def test_pipeline_schedule_csv_and_forward_only_order():
             assert sched.pipeline_order_with_comms is full, "the training order must come back"
     finally:
         dist.destroy_process_group()
+
+
+def test_fake_peak_bytes_counts_a_linear_layer():
+    from trainer.torch_private import fake_peak_bytes
+
+    def step(linear):
+        linear(torch.randn(128, 64, requires_grad=True)).sum().backward()
+
+    counted = fake_peak_bytes(lambda: torch.nn.Linear(64, 32, bias=False), step)
+    assert counted["param"] == 64 * 32 * 4, counted  # MemTracker's kinds or its peak snapshot changed
+    assert counted["total"] == sum(v for k, v in counted.items() if k != "total") and counted["act"] > 0, counted

@@ -1,0 +1,129 @@
+"""Check the layout planner (trainer/planner.py) against measurements on this machine's CPU.
+
+    python scripts/plan_check.py memory     # >= 8 layouts, 1-8 ranks: predicted vs measured peak memory per rank
+    python scripts/plan_check.py speed      # 6+ layouts on 4 ranks: predicted vs measured tokens/s, Spearman rank
+
+Each layout runs through run_train.sh via scripts/bench.py (warm-up steps left out, figures from every rank's
+TensorBoard scalars), back to back, on the debug model scaled up in sequence length so that activations dominate
+(memory: seq 2048, local batch 4; speed: seq 512, local batch 8; fp32, synthetic data). Measured memory is the
+fullest rank's peak RSS minus the RSS of a process that has only imported the trainer (measured first), with glibc's
+mmap threshold fixed (MALLOC_MMAP_THRESHOLD_=131072, see below) so that the RSS follows the live tensors; predicted
+is the planner's fullest rank with `--device cpu`. Run it on a quiet machine: other processes change both the
+measured throughput and the matmul peak the CPU profile calibrates (delete ~/.cache/trainer/cpu_planner_profile.json
+to measure that again). Writes a Markdown table to stdout and the raw figures to --out (JSON).
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from bench import bench_layout  # noqa: E402
+
+from trainer.config import load_config  # noqa: E402
+from trainer.device_profiles import GiB  # noqa: E402
+from trainer.planner import Layout, Planner  # noqa: E402
+
+MEMORY_LAYOUTS = [
+    Layout(1, 1, 1, 1, 1), Layout(1, 1, 1, 1, 1, ac_mode="full"), Layout(1, 2, 1, 1, 1),
+    Layout(1, 4, 1, 1, 1, ac_mode="full"),
+    Layout(1, 1, 1, 2, 1), Layout(1, 2, 1, 2, 1), Layout(1, 1, 2, 1, 1), Layout(1, 1, 1, 1, 2, "1F1B", 1),
+    Layout(1, 2, 2, 2, 1, ac_mode="full"), Layout(1, 2, 1, 1, 2, "Interleaved1F1B", 1, ac_mode="full"),
+]
+SPEED_LAYOUTS = [
+    Layout(1, 4, 1, 1, 1), Layout(2, 2, 1, 1, 1), Layout(4, 1, 1, 1, 1), Layout(1, 2, 1, 2, 1), Layout(1, 1, 1, 4, 1),
+    Layout(1, 1, 4, 1, 1), Layout(1, 2, 1, 1, 2, "1F1B", 1), Layout(1, 4, 1, 1, 1, ac_mode="full"),
+]
+SHAPES = {"memory": {"seq_len": 2048, "batch": 4}, "speed": {"seq_len": 512, "batch": 8}}
+
+
+def import_baseline_gib(env: dict) -> float:
+    """Peak RSS of a process that imported the trainer and nothing more."""
+    code = "import resource, trainer.train; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    return int(out.strip()) / 2**20
+
+
+def spearman(xs: list[float], ys: list[float]) -> float:
+    def ranks(v):
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        r = [0.0] * len(v)
+        for rank, i in enumerate(order):
+            r[i] = rank
+        return r
+
+    rx, ry, n = ranks(xs), ranks(ys), len(xs)
+    return 1 - 6 * sum((a - b) ** 2 for a, b in zip(rx, ry)) / (n * (n * n - 1))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=("memory", "speed"))
+    ap.add_argument("--flavor", default="debugmodel")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--timeout", type=int, default=1200)
+    ap.add_argument("--first", type=int, default=0, help="only the first N layouts (a smoke test)")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "plan_check.json"))
+    args = ap.parse_args()
+    shape = SHAPES[args.what]
+    bench_args = argparse.Namespace(flavor=args.flavor, seq_len=shape["seq_len"], batch=shape["batch"],
+                                    warmup=args.warmup, steps=args.steps, dtype="float32", threads=0,
+                                    timeout=args.timeout)
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    env.update(PYTHONPATH=str(ROOT), LOG_RANK="0")
+    if args.what == "memory":
+        # glibc raises its mmap threshold after large frees, so later tensors come from the heap and their memory
+        # stays in the RSS after they die (a 1-rank AC-full run: 1.42 GiB peak RSS by default, 0.82 GiB with a
+        # fixed threshold). Fixed, every tensor above 128 KiB is its own mapping and the RSS follows live tensors.
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
+    common = ["--job.config_file", str(ROOT / "configs/debug_model.toml"), "--model.flavor", args.flavor,
+              "--training.seq_len", str(shape["seq_len"]), "--training.mixed_precision_param", "float32",
+              "--training.dataset", "synthetic"]
+    baseline = import_baseline_gib(env) if args.what == "memory" else 0.0
+    rows = []
+    layouts = MEMORY_LAYOUTS if args.what == "memory" else SPEED_LAYOUTS
+    for layout in layouts[:args.first or None]:
+        layout = dataclasses.replace(layout, local_batch=shape["batch"])
+        ranks = layout.dp_replicate * layout.dp_shard * layout.cp * layout.tp * layout.pp
+        cfg = load_config([*common, "--training.local_batch_size", str(shape["batch"])])
+        est = Planner(cfg, ranks, "cpu", ranks).estimate(layout)
+        overrides = {**layout.overrides(), "training.dataset": "synthetic"}
+        res = bench_layout(layout.describe(), ranks, overrides, bench_args, env)
+        row = {**res, "layout": f"{layout.describe()} {layout.schedule} AC {layout.ac_mode}".replace("  ", " "),
+               "predicted_gib": est.memory["total"] / GiB, "predicted_tokens_per_s": est.tokens_per_second * ranks}
+        if "skipped" not in res:
+            row["measured_gib"] = max(res["memory_gib_per_rank"]) - baseline
+            row["measured_tokens_per_s"] = res["global_tokens_per_step"] / res["step_time_median_s"]
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "command"}), file=sys.stderr, flush=True)
+    done = [r for r in rows if "skipped" not in r]
+    if args.what == "memory":
+        print(f"import baseline {baseline:.2f} GiB (subtracted from every measured peak)\n")
+        print("| ranks | layout | predicted GiB | measured GiB | error |\n|---|---|---|---|---|")
+        for r in done:
+            err = r["predicted_gib"] / r["measured_gib"] - 1
+            print(f"| {r['ranks']} | {r['layout']} | {r['predicted_gib']:.2f} | {r['measured_gib']:.2f} | {err:+.0%} |")
+    else:
+        rho = spearman([r["predicted_tokens_per_s"] for r in done], [r["measured_tokens_per_s"] for r in done])
+        print("| layout | predicted tokens/s | measured tokens/s |\n|---|---|---|")
+        for r in done:
+            print(f"| {r['layout']} | {r['predicted_tokens_per_s']:,.0f} | {r['measured_tokens_per_s']:,.0f} |")
+        print(f"\nSpearman rank correlation over {len(done)} layouts: {rho:.2f}")
+    for r in rows:
+        if "skipped" in r:
+            print(f"skipped {r['layout']}: {r['skipped']}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"baseline_gib": baseline, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

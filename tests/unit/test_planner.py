@@ -1,0 +1,190 @@
+"""The layout planner (trainer/planner.py): what it enumerates, that plan_run agrees with every layout it keeps,
+that its parameter memory is the real sharded model's, the no-fit line, and a stable ranking."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from trainer.build import build_model, local_param_elements, plan_run
+from trainer.config import ConfigError, load_config
+from trainer.device_profiles import GiB
+from trainer.dry_run import main as dry_run_main
+from trainer.models.llama import num_params
+from trainer.planner import Layout, Planner, enumerate_layouts, no_fit_error, plan, with_overrides
+from trainer.torch_private import init_fake_process_group
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def debug_cfg(*overrides: str):
+    return load_config(["--job.config_file", str(ROOT / "configs/debug_model.toml"), "--training.dataset",
+                        "synthetic", *overrides])
+
+
+def llama_cfg(flavor: str, *overrides: str):
+    return load_config(["--job.config_file", str(ROOT / "configs/llama3_8b.toml"), "--model.flavor", flavor,
+                        *overrides])
+
+
+def test_enumeration_counts_for_two_ranks():
+    # 2 ranks: dp_replicate 2 (3 AC modes), dp_shard 2 and cp 2 (x 2 reshard policies), tp 2 (3), and pp 2 with 4
+    # schedules x 4 microbatch sizes (divisors of local batch 8) x 3 AC modes.
+    layouts = enumerate_layouts(debug_cfg(), 2)
+    assert len(layouts) == 3 + 6 + 6 + 3 + 4 * 4 * 3
+    assert len(set(layouts)) == len(layouts)
+    result = plan(debug_cfg(), 2, "h100", 8)
+    assert len(result.fits) + len(result.oom) + sum(result.dropped.values()) == len(layouts)
+    # 1F1B needs >= 2 microbatches at pp 2 (micro-batch size 8 gives 1), Interleaved1F1B and ZBV take any count.
+    assert result.dropped == {"parallelism.pipeline_parallel_schedule": 3}
+
+
+def test_global_batch_sets_the_local_batches():
+    layouts = enumerate_layouts(debug_cfg("--training.global_batch_size", "8"), 2)
+    fsdp = {L.local_batch for L in layouts if L.dp_shard == 2}
+    assert fsdp == {1, 2, 4}  # divisors of 8 / dp 2
+    assert {L.local_batch for L in layouts if L.tp == 2} == {1, 2, 4, 8}
+
+
+def test_every_kept_layout_is_accepted_by_plan_run_and_every_dropped_one_refused():
+    cfg = debug_cfg()
+    result = plan(cfg, 4, "h100", 8)
+    kept = {e.layout for e in result.fits + result.oom}
+    for layout in enumerate_layouts(cfg, 4):
+        c = with_overrides(cfg, layout.overrides())
+        if layout in kept:
+            plan_run(c, 4, "cuda")
+        else:
+            with pytest.raises(ConfigError):
+                plan_run(c, 4, "cuda")
+
+
+def _real_elements_per_pp_rank(cfg, layout: Layout, world: int) -> list[int]:
+    """Parameter elements on each pipeline rank's first rank of the fully parallelized model, on the fake group."""
+    c = with_overrides(cfg, layout.overrides())
+    out = []
+    for pp_rank in range(layout.pp):
+        plan_ = plan_run(c, world, "cuda")
+        init_fake_process_group(rank=pp_rank * world // layout.pp, world_size=world)
+        try:
+            plan_.dims.build_mesh("cpu")
+            out.append(local_param_elements(build_model(plan_, torch.device("cpu"), init=False).parts))
+        finally:
+            dist.destroy_process_group()
+    return out
+
+
+@pytest.mark.parametrize("layout", [
+    Layout(1, 4, 1, 1, 1), Layout(1, 2, 1, 2, 1), Layout(2, 1, 1, 2, 1), Layout(1, 1, 2, 2, 1),
+    Layout(1, 2, 1, 1, 2, "1F1B", 1, local_batch=8), Layout(1, 1, 1, 2, 2, "ZBVZeroBubble", 2, local_batch=8),
+    Layout(1, 1, 1, 1, 4, "Interleaved1F1B", 1, local_batch=8),
+], ids=lambda L: f"{L.describe()} {L.schedule}".strip())
+def test_parameter_memory_is_the_real_sharded_models(layout):
+    cfg = debug_cfg("--model.name", "smollm", "--model.flavor", "debugmodel")  # tied embeddings, 2 kv heads
+    world = layout.dp_replicate * layout.dp_shard * layout.cp * layout.tp * layout.pp
+    est = Planner(cfg, world, "h100", 8).estimate(layout)
+    real = _real_elements_per_pp_rank(cfg, layout, world)
+    assert est.local_elements == real
+    assert est.memory["params"] in [4 * n for n in real] and est.memory["optimizer"] == 2 * est.memory["params"]
+
+
+def test_llama3_8b_fsdp_selective_memory_against_torchtitans_published_figure():
+    # torchtitan v0.2.2 benchmarks/llama3_h100_202412_torchtitan.md, Table 1: Llama 3.1 8B, 8 H100, FSDP, local
+    # batch 2, seq 8192, selective AC, no compile: 82.4 GiB (max reserved over all ranks).
+    cfg = llama_cfg("8B", "--training.local_batch_size", "2")
+    est = Planner(cfg, 8, "h100", 8).estimate(Layout(1, 8, 1, 1, 1, ac_mode="selective", local_batch=2))
+    args = plan_run(cfg, 8, "cuda").model_args
+    assert est.local_elements == [num_params(args) // 8]  # every dim 0 of the 8B splits by 8
+    ours = est.memory["total"] / GiB
+    assert 99 < ours < 102, ours  # our "op" policy keeps every matmul's output
+    # torchtitan's per-op policy recomputes every second matmul of a block (wk, wo, w3): dim + kv dim + FFN dim
+    # fewer bf16 elements per token and layer. With its policy the rest of the model must land within 15%.
+    kv_dim = args.n_kv_heads * args.head_dim
+    recomputed = (args.dim + kv_dim + args.ffn_hidden_dim) * 2 * args.n_layers * 2 * 8192
+    assert abs(ours - recomputed / GiB - 82.4) / 82.4 < 0.15, ours - recomputed / GiB
+
+
+@pytest.mark.parametrize("flavor,world", [("70B", 64), ("405B", 128)])
+@pytest.mark.slow
+def test_large_llamas_have_a_plan_that_fits_an_h100(flavor, world):
+    result = plan(llama_cfg(flavor), world, "h100", 8)
+    assert result.fits and result.fits[0].memory["total"] <= 79.6 * GiB
+
+
+def test_no_fit_is_one_line_naming_the_smallest_world():
+    cfg = llama_cfg("8B")
+    result = plan(cfg, 1, "h100", 8)
+    assert not result.fits
+    line = no_fit_error(cfg, result, 1, "h100", 8)
+    assert "\n" not in line
+    assert line.startswith("llama3 8B at seq_len 8192 fits no layout on 1 x h100")
+    assert line.endswith("the smallest NGPU that fits is 2")
+
+
+def test_ranking_is_deterministic_and_fastest_first():
+    first, second = plan(debug_cfg(), 4, "h100", 8), plan(debug_cfg(), 4, "h100", 8)
+    assert [e.layout for e in first.fits] == [e.layout for e in second.fits]
+    speeds = [e.tokens_per_second for e in first.fits]
+    assert speeds == sorted(speeds, reverse=True)
+
+
+def test_dry_run_plan_flag(monkeypatch, capsys):
+    monkeypatch.setenv("NGPU", "2")
+    with pytest.raises(SystemExit) as exit_:
+        dry_run_main(["--plan", "--device", "a100", "--job.config_file", str(ROOT / "configs/debug_model.toml"),
+                      "--training.dataset", "synthetic"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "on 2 x a100" in out and "run the best: NGPU=2 ./run_train.sh" in out
+    with pytest.raises(SystemExit) as exit_:
+        dry_run_main(["--plan", "--device", "tpu"])
+    assert exit_.value.code == 2
+
+
+@pytest.mark.parametrize("ac", ["none", pytest.param("full", marks=pytest.mark.slow),
+                                pytest.param("selective", marks=pytest.mark.slow)])
+def test_activation_memory_against_a_counted_step_on_fake_tensors(ac):
+    """One process, fp32: the planner's activations within 15% of what forward, loss and backward of the real model
+    hold at their peak, counted on fake tensors (MemTracker)."""
+    from trainer.models.llama import Transformer
+    from trainer.parallel import parallelize
+    from trainer.torch_private import fake_peak_bytes
+    from trainer.train import cross_entropy_loss
+
+    cfg = debug_cfg("--training.seq_len", "1024", "--training.local_batch_size", "2",
+                    "--training.mixed_precision_param", "float32", "--activation_checkpoint.mode", ac,
+                    "--activation_checkpoint.selective_ac_option", "op")
+    plan_ = plan_run(cfg, 1, "cpu")
+
+    def step(model):
+        tokens = torch.randint(0, plan_.model_args.vocab_size, (2, 1024))
+        cross_entropy_loss(model(tokens), tokens).backward()
+
+    counted = fake_peak_bytes(lambda: parallelize(Transformer(plan_.model_args), plan_.dims, cfg, plan_.param_dtype,
+                                                  "cpu"), step)
+    est = Planner(cfg, 1, "h100", 8).estimate(Layout(1, 1, 1, 1, 1, ac_mode=ac, local_batch=2))
+    # The counted peak may fall where backward has made most gradients: compare parameters, gradients and
+    # activations together (the planner counts every gradient as always there).
+    predicted = sum(est.memory[k] for k in ("params", "grads", "activations"))
+    measured = counted["total"] - counted["buffer"]
+    print(f"AC {ac}: predicted {predicted / 2**20:.1f} MiB, counted {measured / 2**20:.1f} MiB",
+          {k: round(v / 2**20, 1) for k, v in counted.items()})
+    # Full AC over-predicts most (+22% measured here): a recomputed block is counted whole, but its backward frees
+    # part of it before the peak.
+    assert abs(predicted / measured - 1) < {"none": 0.15, "selective": 0.15, "full": 0.25}[ac]
+
+
+def test_cpu_profile_is_measured_once_and_cached(monkeypatch, tmp_path):
+    from trainer import device_profiles
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    profile = device_profiles.cpu_profile(2)
+    assert profile.peak_flops > 0 and profile.intra_node_bandwidth > 0 and 0 < profile.collective_latency < 1
+    assert not profile.overlaps_comm
+    cached = json.loads((tmp_path / "trainer" / "cpu_planner_profile.json").read_text())
+    (entry,) = cached.values()
+    assert entry["peak_flops"] == 2 * profile.peak_flops  # the machine's peak, shared by the ranks
+    monkeypatch.setattr(device_profiles, "_measure_gloo", lambda: pytest.fail("measured again"))
+    assert device_profiles.cpu_profile(4).peak_flops == entry["peak_flops"] / 4

@@ -1,0 +1,116 @@
+"""Predicted step time of one layout (trainer/planner.py): compute at an achievable fraction of the device peak, plus
+the collectives each parallelism issues, over intra- or inter-node bandwidth, less what torch overlaps.
+
+Per optimizer step on the slowest rank:
+- compute: training FLOPs of its tokens (trainer.models.llama.flops_per_token, attention included) split over tp,
+  cp and pp, times the recompute of activation checkpointing (full: the forward again, 4/3; a selective every-N:
+  1 + 1/(3N); per-op: only the cheap non-matmul ops, ~2%).
+- FSDP: per microbatch an all-gather of the rank's unsharded parameters in forward and again in backward (unless
+  they stay unsharded: reshard never, or default under PP) and a reduce-scatter of the gradients; FSDP2 prefetches
+  the next block's all-gather during this block's compute, so only what exceeds the compute shows, plus the first
+  block's gather.
+- HSDP / DDP: one all-reduce of the (sharded) gradients over dp_replicate per microbatch, half of it hidden under
+  backward.
+- TP with sequence parallel: per block two all-gathers and two reduce-scatters of the activations in forward and as
+  many in backward, exposed (no async TP). Loss parallel adds nothing that matters.
+- CP: the ring passes K and V around cp - 1 times per block in forward and twice as much in backward, exposed.
+- PP: the bubble: (pp - 1) / microbatches of the compute for GPipe / 1F1B, divided by the stages per rank for the
+  interleaved schedules, a third of the 1F1B bubble for the zero-bubble ones; plus the sends between stages.
+- optimizer: AdamW streams ~32 bytes per local parameter through memory.
+- on a device whose collectives take the same cores as compute (CPU), nothing overlaps.
+
+Ring collectives: an all-gather or reduce-scatter of B bytes over n ranks moves B (n - 1) / n per rank, an
+all-reduce twice that, and each costs (n - 1) x the device's collective latency besides. A group crosses nodes when
+it spans more ranks than a node has, counting the mesh dims inside it (tp innermost, then cp, dp_shard,
+dp_replicate, pp).
+"""
+
+from dataclasses import dataclass
+
+from trainer.device_profiles import DeviceProfile
+
+BUBBLE_SCALE = {"GPipe": 1.0, "1F1B": 1.0, "Interleaved1F1B": 1.0, "LoopedBFS": 1.0,
+                "InterleavedZeroBubble": 1 / 3, "ZBVZeroBubble": 1 / 3, "DualPipeV": 1 / 3}
+
+
+def recompute_factor(ac_mode: str, selective_ac_option: str) -> float:
+    """Training FLOPs with activation checkpointing over those without."""
+    if ac_mode == "full":
+        return 4 / 3
+    if ac_mode == "selective":
+        return 1.02 if selective_ac_option == "op" else 1 + 1 / (3 * int(selective_ac_option))
+    return 1.0
+
+
+@dataclass
+class StepShape:
+    """What the cost model needs of a layout, in numbers (filled by the planner)."""
+
+    dp_replicate: int
+    dp_shard: int
+    cp: int
+    tp: int
+    pp: int
+    schedule: str | None
+    stages_per_rank: int
+    microbatches: int
+    """Pipeline microbatches per local batch (1 without PP)."""
+    accum_steps: int
+    tokens_per_rank: int
+    """Tokens one rank's forward sees per local batch: local_batch x seq_len / cp."""
+    train_flops: float
+    """FLOPs of one local batch on one rank (after the tp / cp / pp split), without recompute."""
+    recompute: float
+    unsharded_param_bytes: int
+    """The rank's parameters unsharded over FSDP, in the compute dtype: what FSDP all-gathers."""
+    grad_reduce_bytes: int
+    """The same parameters in the gradient-reduce dtype: what FSDP reduce-scatters."""
+    local_params: int
+    reshard: bool
+    """Whether FSDP gathers the blocks again in backward."""
+    n_layers_rank: int
+    dim: int
+    kv_dim: int
+    act_bytes: int
+    """Bytes of one activation element (the compute dtype)."""
+
+
+def step_seconds(s: StepShape, dev: DeviceProfile, gpus_per_node: int) -> dict[str, float]:
+    """Seconds of one optimizer step on the slowest rank, by part, and the total."""
+
+    def ring(bytes_: float, n: int, inner: int, count: int) -> float:
+        """`count` ring all-gathers / reduce-scatters over `n` ranks `inner` apart, moving `bytes_` in all."""
+        if n == 1:
+            return 0.0
+        crosses = inner * n > gpus_per_node
+        bandwidth = dev.inter_node_bandwidth if crosses else dev.intra_node_bandwidth
+        return bytes_ * (n - 1) / n / bandwidth + count * (n - 1) * dev.collective_latency
+
+    compute = s.train_flops * s.recompute / (dev.peak_flops * dev.achievable)
+    fsdp_n, blocks = s.dp_shard * s.cp, max(1, s.n_layers_rank)
+    gathers = 2 if s.reshard else 1
+    fsdp = (ring(gathers * s.unsharded_param_bytes, fsdp_n, s.tp, gathers * blocks)
+            + ring(s.grad_reduce_bytes, fsdp_n, s.tp, blocks)) * s.microbatches
+    fsdp_exposed = max(0.0, fsdp - compute) + fsdp / blocks if dev.overlaps_comm else fsdp
+    # An all-reduce is a reduce-scatter and an all-gather; about half of it hides under backward.
+    replicate = ring(s.grad_reduce_bytes / fsdp_n, s.dp_replicate, s.tp * fsdp_n, blocks) * s.microbatches
+    if not dev.overlaps_comm:
+        replicate *= 2
+    mb_tokens = s.tokens_per_rank / s.microbatches
+    tp = ring(8 * s.n_layers_rank * mb_tokens * s.dim * s.act_bytes, s.tp, 1, 8 * s.n_layers_rank) \
+        * s.microbatches * s.recompute
+    kv_bytes = 2 * mb_tokens * s.kv_dim / s.tp * s.act_bytes
+    cp = ring(3 * s.n_layers_rank * s.cp * kv_bytes, s.cp, s.tp, 3 * s.n_layers_rank) * s.microbatches
+    pp = bubble = 0.0
+    if s.pp > 1:
+        bubble = (compute + tp + cp) * (s.pp - 1) / (s.microbatches * s.stages_per_rank) * BUBBLE_SCALE[s.schedule]
+        # each stage sends its output forward and receives its gradient back, per microbatch
+        sends = 2 * s.stages_per_rank * s.microbatches
+        pp = sends * (mb_tokens * s.dim * s.act_bytes / dev.inter_node_bandwidth + dev.collective_latency)
+    per_batch = compute + fsdp_exposed + replicate + tp + cp + pp
+    optimizer = 32 * s.local_params / dev.memory_bandwidth
+    parts = {"compute": compute * s.accum_steps, "fsdp": fsdp_exposed * s.accum_steps,
+             "replicate": replicate * s.accum_steps, "tp": tp * s.accum_steps, "cp": cp * s.accum_steps,
+             "pp": pp * s.accum_steps, "bubble": bubble * s.accum_steps, "optimizer": optimizer}
+    parts["total"] = (per_batch + bubble) * s.accum_steps + optimizer
+    return parts

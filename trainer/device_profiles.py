@@ -1,0 +1,145 @@
+"""What the layout planner (trainer/planner.py) assumes about a device: memory, compute peak, achievable fraction of
+it, memory bandwidth, and collective bandwidth inside a node and between nodes.
+
+GPU figures are vendors' datasheet numbers: dense bf16 peaks from trainer.metrics.GPU_PEAK_FLOPS, memory as
+torch.cuda.get_device_properties reports it, HBM bandwidth, per-GPU NVLink / Infinity Fabric bandwidth in one
+direction and a 400 Gb/s NIC per GPU between nodes. Bus bandwidths are scaled by an efficiency that NCCL's own
+all-gather / reduce-scatter tests reach on such nodes (~80% of the link). `cpu` is measured on this machine: the
+matmul peak with every core (trainer.metrics, cached) and the bandwidth of a gloo all-reduce between two local
+processes, cached beside it.
+"""
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from trainer.metrics import GPU_PEAK_FLOPS, peak_flops
+
+GB, GiB = 1e9, 2**30
+_LINK_EFFICIENCY = 0.8
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    name: str
+    memory_bytes: int
+    """Memory one rank may use: the GPU's, or on CPU the host's RAM shared by the ranks."""
+    peak_flops: float
+    """Dense matmul FLOP/s of one rank in the compute dtype."""
+    achievable: float
+    """Fraction of peak_flops a training step reaches in its matmuls (eager mode, no float8)."""
+    memory_bandwidth: float
+    """Bytes/s the optimizer step streams through (HBM, or the host's DRAM)."""
+    intra_node_bandwidth: float
+    """Bytes/s one rank sends in a ring collective among ranks of its node."""
+    inter_node_bandwidth: float
+    """Bytes/s one rank sends in a ring collective that crosses nodes."""
+    collective_latency: float
+    """Seconds a collective costs however small (launch and synchronization)."""
+    overlaps_comm: bool
+    """Whether collectives run beside compute (GPU: NCCL on its own streams and SMs), or take the same cores (CPU:
+    gloo's copies and reductions compete with the matmuls), so that nothing hides behind compute."""
+    overhead_bytes: int
+    """Memory a rank uses beyond its tensors: allocator slack, cuBLAS/NCCL workspaces in the caching allocator."""
+
+
+def _gpu(name: str, torch_name: str, memory_gib: float, hbm_tb_s: float, link_gb_s: float, nic_gb_s: float = 50,
+         achievable: float = 0.40) -> DeviceProfile:
+    return DeviceProfile(name, int(memory_gib * GiB), GPU_PEAK_FLOPS[torch_name][0], achievable, hbm_tb_s * 1e12,
+                         link_gb_s * GB * _LINK_EFFICIENCY, nic_gb_s * GB * _LINK_EFFICIENCY, 20e-6, True,
+                         int(1.0 * GiB))
+
+
+# achievable 0.40: torchtitan reports 33-39% MFU for Llama 3.1 8B FSDP on H100 without float8
+# (benchmarks/llama3_h100_202412_torchtitan.md at v0.2.2).
+GPU_PROFILES = {
+    "h100": _gpu("h100", "NVIDIA H100 80GB HBM3", 79.6, 3.35, 450),
+    "h200": _gpu("h200", "NVIDIA H200", 139.8, 4.8, 450),
+    "a100": _gpu("a100", "NVIDIA A100-SXM4-80GB", 79.2, 2.04, 300, nic_gb_s=25),
+    "b200": _gpu("b200", "NVIDIA B200", 178.4, 8.0, 900),
+    "mi300": _gpu("mi300", "AMD Instinct MI300X", 191.5, 5.3, 448, achievable=0.30),
+}
+DEVICES = (*GPU_PROFILES, "cpu")
+
+
+def _cache_path() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "trainer" / "cpu_planner_profile.json"
+
+
+_ALLREDUCE_PROBE = """
+import os, sys, time, torch, torch.distributed as dist
+rank = int(sys.argv[1])
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + sys.argv[2], rank=rank, world_size=2)
+x = torch.ones(4 * 2**20)  # 16 MiB
+dist.all_reduce(x)
+best = float("inf")
+for _ in range(5):
+    dist.barrier(); start = time.perf_counter(); dist.all_reduce(x); best = min(best, time.perf_counter() - start)
+tiny, latency = torch.ones(1), float("inf")
+for _ in range(20):
+    dist.barrier(); start = time.perf_counter(); dist.all_reduce(tiny)
+    latency = min(latency, time.perf_counter() - start)
+if rank == 0:
+    print(x.numel() * 4 / best, latency)  # a 2-rank ring all-reduce sends each rank's whole buffer once
+dist.destroy_process_group()
+"""
+
+
+def _measure_gloo() -> tuple[float, float]:
+    """(bytes/s one rank moves in a 16 MiB gloo all-reduce, seconds of a 1-element one) between two processes on
+    this machine, best of several."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", _ALLREDUCE_PROBE, str(r), port], stdout=subprocess.PIPE,
+                              text=True, env=env) for r in range(2)]
+    out = [p.communicate(timeout=120)[0] for p in procs]
+    bandwidth, latency = map(float, out[0].split())
+    return bandwidth, latency
+
+
+def cpu_profile(world_size: int) -> DeviceProfile:
+    """This machine, its cores and RAM shared by `world_size` ranks (as run_train.sh shares them)."""
+    cache = _cache_path()
+    key = f"{platform.processor() or platform.machine()}|{os.cpu_count()}"
+    try:
+        table = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        table = {}
+    if key not in table:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(os.cpu_count() or 1)
+        try:
+            peak = peak_flops(torch.device("cpu"), torch.float32, 0)
+        finally:
+            torch.set_num_threads(threads)
+        bandwidth, latency = _measure_gloo()
+        table[key] = {"peak_flops": peak, "gloo_bandwidth": bandwidth, "gloo_latency": latency}
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            cache.write_text(json.dumps(table, indent=1))
+        except OSError:
+            pass
+    measured = table[key]
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    # achievable 0.5: a training step's matmuls on CPU are smaller than the 1024^2 product the peak is timed on.
+    # overhead: a training process of a tiny model (benchmodel, seq 16) peaks 0.12 GiB above one that only imported
+    # the trainer (measured with run_train.sh on this machine): gloo, data loader, metrics writers.
+    return DeviceProfile("cpu", ram // world_size, measured["peak_flops"] / world_size, 0.5, 10 * GB,
+                         measured["gloo_bandwidth"], measured["gloo_bandwidth"], measured["gloo_latency"],
+                         False, int(0.12 * GiB))
+
+
+def device_profile(name: str, world_size: int) -> DeviceProfile:
+    if name == "cpu":
+        return cpu_profile(world_size)
+    return GPU_PROFILES[name]
