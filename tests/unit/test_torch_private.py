@@ -110,3 +110,14 @@ def test_checkpoint_storage_extents(tmp_path):
     extents = storage_extents(dcp.FileSystemReader(str(tmp_path)).read_metadata())
     assert list(extents) == ["__0_0.distcp"]  # one file per rank, every item in it
     assert 100 * 4 + 21 * 4 <= extents["__0_0.distcp"] <= (tmp_path / "__0_0.distcp").stat().st_size
+
+
+def test_fsdp_offload_policy_internals():
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
+    from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState
+
+    assert callable(getattr(FSDPModule, "_get_fsdp_state", None)), "FSDPModule._get_fsdp_state is gone: update " \
+                                                                    "fsdp_offload_policies"
+    assert "_fsdp_param_groups" in inspect.getsource(FSDPState.__init__), "FSDPState._fsdp_param_groups is gone"
+    assert "self.offload_policy" in inspect.getsource(FSDPParamGroup.__init__), "FSDPParamGroup.offload_policy is gone"
