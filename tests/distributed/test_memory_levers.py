@@ -37,11 +37,17 @@ NO_CLIP = {"training.max_norm": 0}
 EARLY_STEP = {**NO_CLIP, "optimizer.early_step_in_backward": True}
 
 
-def test_early_step_in_backward_matches_the_same_run_without(runs):
-    # Each parameter's AdamW step in its post-accumulate-grad hook, on FSDP's reduce-scattered shard, is the step
-    # the optimizer takes after backward: the same elementwise arithmetic on the same numbers, so bit-identical
-    # (measured: 0 in loss, grad norm and parameters). The grad norm is summed in the hooks instead.
-    ref, got = runs.steps("dp_shard=2", **NO_CLIP), runs.steps("dp_shard=2", **EARLY_STEP)
+EARLY_STEP_LAYOUTS = ["dp_shard=2", "dp_replicate=2 x dp_shard=2", "dp_shard=2 x tp=2"]
+
+
+@pytest.mark.parametrize("layout", [pytest.param(name, marks=pytest.mark.slow) if i else name
+                                    for i, name in enumerate(EARLY_STEP_LAYOUTS)])
+def test_early_step_in_backward_matches_the_same_run_without(layout, runs):
+    # Each parameter's AdamW step in its post-accumulate-grad hook, on FSDP's reduced shard (after HSDP's
+    # all-reduce too), is the step the optimizer takes after backward: the same elementwise arithmetic on the same
+    # numbers, so bit-identical (measured: 0 in loss, grad norm and parameters). The grad norm is summed in the
+    # hooks instead.
+    ref, got = runs.steps(layout, **NO_CLIP), runs.steps(layout, **EARLY_STEP)
     assert_reference_moves(ref)
     assert_matches_reference(got, ref, rtol=0.0, param_atol=0.0)
     assert_matches_reference(got, runs.steps("1 process", **NO_CLIP))
