@@ -84,8 +84,11 @@ def run_case(name: str, overrides: list[str], args, model: dict) -> list[dict]:
               "--training.max_norm", "0",  # early_step_in_backward refuses clipping: no case clips
               "--parallelism.data_parallel_shard_degree", str(args.ranks), "--metrics.enable_tensorboard", "false",
               "--metrics.log_freq", str(10**6)]
+    # glibc serves a freed block's memory again from its heap but keeps it resident, and raises its mmap threshold
+    # as blocks are freed: peak RSS then drifts with the allocation history. A fixed threshold maps every tensor
+    # above 64 KiB on its own and unmaps it when freed, so peak RSS follows the peak of live tensors.
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // args.ranks)),
-           "LOG_RANK": "0"}
+           "LOG_RANK": "0", "MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.ranks),
            "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), __file__, "--child",
            json.dumps(model), str(args.steps), *common, *overrides, *args.extra]

@@ -24,13 +24,13 @@ from trainer.data.datasets import DATASET_NAMES
 from trainer.data.tokenizer import Tokenizer
 from trainer.models.attention import document_ids
 from trainer.models.llama import ModelArgs, Transformer, get_model_args
+from trainer.optim_in_backward import check_early_step
 from trainer.parallel import parallelize
 from trainer.parallel.compile import check_compile_supported
 from trainer.parallel.context_parallel import cp_context
 from trainer.parallel.fsdp import check_cpu_offload
 from trainer.parallel.pipeline import Pipeline, PipelinePlan, build_pipeline, plan_pipeline
 from trainer.parallel.tensor_parallel import apply_tensor_parallel, loss_context
-from trainer.optim_in_backward import check_early_step
 from trainer.parallel_dims import ParallelDims, tp_shape_problem
 from trainer.validate import check_validation_data, check_validation_layout, validation_data
 from trainer.weights import init_weights, materialize
@@ -187,7 +187,8 @@ def plan_run(cfg: JobConfig, world_size: int, device_type: str) -> RunPlan:
                if dims.pp > 1 else None)
     param_dtype = resolve_param_dtype(cfg.training.mixed_precision_param, device_type, cfg.training.dtype)
     seed = cfg.debug.seed if cfg.debug.seed is not None else 0
-    return RunPlan(cfg, device_type, model_args, dims, accum, pp_plan, param_dtype, seed, getattr(torch, cfg.training.dtype))
+    return RunPlan(cfg, device_type, model_args, dims, accum, pp_plan, param_dtype, seed,
+                   getattr(torch, cfg.training.dtype))
 
 
 def check_data(cfg: JobConfig) -> None:

@@ -99,7 +99,7 @@ def dry_run(cfg: JobConfig, world_size: int, require_assets: bool = False, targe
         dist.destroy_process_group()
     total = num_params(args)
     state_bytes = {what: local * size for what, size in state_bytes_per_element(plan).items()}
-    offload = cfg.training.enable_cpu_offload
+    offload, early = cfg.training.enable_cpu_offload, cfg.optimizer.early_step_in_backward
     # With PP this is an upper bound: it counts every microbatch in flight at once, as GPipe has them.
     tokens = cfg.training.local_batch_size * cfg.training.seq_len // dims.cp
     ac = cfg.activation_checkpoint
@@ -122,7 +122,7 @@ def dry_run(cfg: JobConfig, world_size: int, require_assets: bool = False, targe
         f"device: {target}; compute dtype {dtype_name} ({dtype_why}; --device cpu or cuda plans for the other)",
         f"memory per rank (rank 0, estimate): parameters {state_bytes['parameters'] / GiB:.2f} GiB ({local:,} local "
         f"elements in {str(plan.dtype).removeprefix('torch.')}), gradients {state_bytes['gradients'] / GiB:.2f} GiB"
-        f"{' (each freed once its parameter is stepped: early_step_in_backward)' if cfg.optimizer.early_step_in_backward else ''}"
+        f"{' (each freed once its parameter is stepped: early_step_in_backward)' if early else ''}"
         f", optimizer {state_bytes['optimizer'] / GiB:.2f} GiB"
         f"{' (all three in host memory: enable_cpu_offload)' if offload else ''}, activations {act / GiB:.2f} GiB "
         f"({dtype_name}), total on the device {((0 if offload else sum(state_bytes.values())) + act) / GiB:.2f} GiB",

@@ -1,6 +1,7 @@
 """The memory levers in one process: what is refused (one line naming the conflict and the fix), per-parameter
 optimizers stepped in backward against one AdamW, CPU offload in force under FSDP2, the full-bf16 model, the
-start-up line about bf16 speed and the DRY_RUN estimate. Multi-process parity: tests/distributed/test_memory_levers.py."""
+start-up line about bf16 speed and the DRY_RUN estimate. Multi-process parity:
+tests/distributed/test_memory_levers.py."""
 
 import contextlib
 import copy
@@ -35,7 +36,8 @@ def _destroy_process_group():
 
 
 @pytest.mark.parametrize("args,world,expected", [
-    ([*EARLY], 1, r"optimizer.early_step_in_backward = true with training.max_norm = 1.0: .* set training.max_norm = 0"),
+    ([*EARLY], 1,
+     r"optimizer.early_step_in_backward = true with training.max_norm = 1.0: .* set training.max_norm = 0"),
     ([*EARLY, "--training.max_norm", "0", "--parallelism.pipeline_parallel_degree", "2"], 2,
      r"with parallelism.pipeline_parallel_degree = 2: .* set early_step_in_backward = false"),
     ([*EARLY, "--training.max_norm", "0", "--training.local_batch_size", "2", "--training.global_batch_size", "4"], 1,

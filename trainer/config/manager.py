@@ -416,8 +416,8 @@ def validate(cfg: JobConfig) -> None:
            f"= 'float32' for float32 master weights")
     _check(not o.early_step_in_backward or t.max_norm <= 0,
            f"optimizer.early_step_in_backward = true with training.max_norm = {t.max_norm}: clipping needs the norm "
-           f"over every gradient, but each parameter is stepped as soon as its own is ready; set training.max_norm = 0, "
-           f"or early_step_in_backward = false")
+           f"over every gradient, but each parameter is stepped as soon as its own is ready; set "
+           f"training.max_norm = 0, or early_step_in_backward = false")
     _check(not o.early_step_in_backward or p.pipeline_parallel_degree == 1,
            f"optimizer.early_step_in_backward = true with parallelism.pipeline_parallel_degree = "
            f"{p.pipeline_parallel_degree}: a schedule runs several microbatches' backwards per step, and each would "

@@ -47,6 +47,6 @@ def check_cpu_offload(enabled: bool, fsdp_enabled: bool) -> None:
     Sharding one process over a mesh of one would make this trainer differ from torchtitan and need a process group
     a one-process run does not have; a one-line refusal says what to change instead."""
     if enabled and not fsdp_enabled:
-        raise ConfigError("training.enable_cpu_offload = true needs FSDP, which this layout does not use (data-parallel "
-                          "and context-parallel degrees are 1): set parallelism.data_parallel_shard_degree > 1, or "
-                          "enable_cpu_offload = false")
+        raise ConfigError("training.enable_cpu_offload = true needs FSDP, which this layout does not use "
+                          "(data-parallel and context-parallel degrees are 1): set "
+                          "parallelism.data_parallel_shard_degree > 1, or enable_cpu_offload = false")
