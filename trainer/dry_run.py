@@ -121,7 +121,7 @@ def dry_run(cfg: JobConfig, world_size: int, require_assets: bool = False, targe
         f"{attention_summary(args, target)}",
         f"device: {target}; compute dtype {dtype_name} ({dtype_why}; --device cpu or cuda plans for the other)",
         f"memory per rank (rank 0, estimate): parameters {state_bytes['parameters'] / GiB:.2f} GiB ({local:,} local "
-        f"elements in {str(plan.dtype).removeprefix('torch.')}), gradients {state_bytes['gradients'] / GiB:.2f} GiB"
+        f"elements) in {str(plan.dtype).removeprefix('torch.')}, gradients {state_bytes['gradients'] / GiB:.2f} GiB"
         f"{' (each freed once its parameter is stepped: early_step_in_backward)' if early else ''}"
         f", optimizer {state_bytes['optimizer'] / GiB:.2f} GiB"
         f"{' (all three in host memory: enable_cpu_offload)' if offload else ''}, activations {act / GiB:.2f} GiB "
