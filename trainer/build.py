@@ -24,9 +24,11 @@ from trainer.data.datasets import DATASET_NAMES
 from trainer.data.tokenizer import Tokenizer
 from trainer.models.attention import document_ids
 from trainer.models.llama import ModelArgs, Transformer, get_model_args
+from trainer.optim_in_backward import check_early_step
 from trainer.parallel import parallelize
 from trainer.parallel.compile import check_compile_supported
 from trainer.parallel.context_parallel import cp_context
+from trainer.parallel.fsdp import check_cpu_offload
 from trainer.parallel.pipeline import Pipeline, PipelinePlan, build_pipeline, plan_pipeline
 from trainer.parallel.tensor_parallel import apply_tensor_parallel, loss_context
 from trainer.parallel_dims import ParallelDims, tp_shape_problem
@@ -34,11 +36,32 @@ from trainer.validate import check_validation_data, check_validation_layout, val
 from trainer.weights import init_weights, materialize
 
 
-def resolve_param_dtype(name: str, device_type: str) -> torch.dtype:
-    """training.mixed_precision_param (or generate.py's --dtype) -> dtype; auto is bf16 on CUDA and fp32 on CPU."""
+def resolve_param_dtype(name: str, device_type: str, training_dtype: str = "float32") -> torch.dtype:
+    """training.mixed_precision_param (or generate.py's --dtype) -> dtype; auto is bf16 on CUDA and fp32 on CPU, and
+    bf16 wherever the model is stored in bf16 (training.dtype)."""
     if name == "auto":
-        return torch.bfloat16 if device_type == "cuda" else torch.float32
+        return torch.bfloat16 if device_type == "cuda" or training_dtype == "bfloat16" else torch.float32
     return getattr(torch, name)
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX-BF16 in /proc/cpuinfo's flags). Without, torch
+    emulates bf16 matmuls at a small fraction of fp32 speed (minutes for a 2048^2 loop on an AVX2-only EPYC)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return True  # no way to tell (not Linux): say nothing
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def bf16_speed_note(plan: "RunPlan") -> str | None:
+    """The start-up line for a CPU run that computes in bf16 on a CPU without native bf16, else None."""
+    if plan.device_type != "cpu" or plan.param_dtype != torch.bfloat16 or cpu_has_native_bf16():
+        return None
+    return ("bf16 on a CPU without native bf16 (no avx512_bf16 or amx_bf16 in /proc/cpuinfo): torch emulates it, and "
+            "training will be many times slower than float32; set training.dtype = float32 and "
+            "mixed_precision_param = float32 for speed here")
 
 
 def check_device(cfg: JobConfig, device_type: str) -> None:
@@ -123,8 +146,11 @@ class RunPlan:
     pp_plan: PipelinePlan | None
     """Stages, schedule and microbatches with pipeline parallel; None without."""
     param_dtype: torch.dtype
-    """Dtype of the parameters in forward and backward (fp32 master weights are kept)."""
+    """Dtype of the parameters in forward and backward."""
     seed: int
+    dtype: torch.dtype = torch.float32
+    """Dtype the parameters, gradients and optimizer states are kept in (training.dtype): float32 master weights,
+    or bfloat16 for full-bf16 training."""
 
     @property
     def tokens_per_step(self) -> int:
@@ -154,12 +180,15 @@ def plan_run(cfg: JobConfig, world_size: int, device_type: str) -> RunPlan:
     check_converters(cfg, dims, device_type)
     dims.check_seq_len("training.seq_len", cfg.training.seq_len)
     check_validation_layout(cfg, dims)
+    check_cpu_offload(cfg.training.enable_cpu_offload, dims.fsdp_enabled)
     accum = gradient_accumulation_steps(cfg, dims.dp)
+    check_early_step(cfg, accum)
     pp_plan = (plan_pipeline(cfg.parallelism, cfg.training.local_batch_size, model_args.n_layers)
                if dims.pp > 1 else None)
-    param_dtype = resolve_param_dtype(cfg.training.mixed_precision_param, device_type)
+    param_dtype = resolve_param_dtype(cfg.training.mixed_precision_param, device_type, cfg.training.dtype)
     seed = cfg.debug.seed if cfg.debug.seed is not None else 0
-    return RunPlan(cfg, device_type, model_args, dims, accum, pp_plan, param_dtype, seed)
+    return RunPlan(cfg, device_type, model_args, dims, accum, pp_plan, param_dtype, seed,
+                   getattr(torch, cfg.training.dtype))
 
 
 def check_data(cfg: JobConfig) -> None:
@@ -239,8 +268,14 @@ class ModelParts:
             self._post_optimizer_hook(self.parts)
 
 
-# fp32 master weights, fp32 gradients and AdamW's two fp32 moments, each sharded like the parameters.
-TRAINING_STATE_BYTES_PER_PARAM = 16
+def state_bytes_per_element(plan: RunPlan) -> dict[str, int]:
+    """Bytes per local parameter element of the parameters, their gradients and AdamW's two moments, each kept in
+    training.dtype and sharded like the parameters: 4 + 4 + 8 in float32, half in full bf16. With
+    early_step_in_backward a gradient is freed as soon as its parameter is stepped: only one is alive at a time,
+    counted as none here."""
+    size = plan.dtype.itemsize
+    gradients = 0 if plan.cfg.optimizer.early_step_in_backward else size
+    return {"parameters": size, "gradients": gradients, "optimizer": 2 * size}
 
 
 def local_param_elements(parts: list[nn.Module]) -> int:
@@ -252,17 +287,21 @@ def local_param_elements(parts: list[nn.Module]) -> int:
 def check_device_memory(plan: RunPlan, parts: list[nn.Module], device: torch.device) -> None:
     """ConfigError, before anything is allocated, when this rank's parameters, gradients and AdamW states alone
     outgrow the GPU (activations come on top: DRY_RUN estimates them). Pipeline stages hold different shares, so
-    the ranks agree on the largest one first: every rank refuses alike, none is left waiting in a collective."""
+    the ranks agree on the largest one first: every rank refuses alike, none is left waiting in a collective. With
+    CPU offload they live in host memory: nothing to check."""
+    if plan.cfg.training.enable_cpu_offload:
+        return
     local = local_param_elements(parts)
     if torch.distributed.is_initialized():
         largest = torch.tensor([local], dtype=torch.int64, device=device)
         torch.distributed.all_reduce(largest, op=torch.distributed.ReduceOp.MAX)
         local = int(largest.item())
-    need, have = local * TRAINING_STATE_BYTES_PER_PARAM, torch.cuda.get_device_properties(device).total_memory
+    per_element = sum(state_bytes_per_element(plan).values())
+    need, have = local * per_element, torch.cuda.get_device_properties(device).total_memory
     if need > have:
         cfg = plan.cfg
         raise ConfigError(f"model {cfg.model.name} {cfg.model.flavor}: the fullest rank's parameters, gradients and "
-                          f"AdamW states need {need / 2**30:.1f} GiB ({TRAINING_STATE_BYTES_PER_PARAM} bytes x "
+                          f"AdamW states need {need / 2**30:.1f} GiB ({per_element} bytes x "
                           f"{local:,} local elements) but {device} has {have / 2**30:.1f} GiB; shard it over more "
                           f"GPUs: NGPU with parallelism.data_parallel_shard_degree, parallelism.tensor_parallel_degree "
                           f"or parallelism.pipeline_parallel_degree")
@@ -284,6 +323,8 @@ def build_model(plan: RunPlan, device: torch.device,
         check_hardware(cfg, device)
     with torch.device("meta"):
         model = Transformer(plan.model_args)
+    if plan.dtype != torch.float32:
+        to_training_dtype(model, plan.dtype)
     convert(model, cfg, dims)  # e.g. float8 linears: on the whole model, before any split or sharding
 
     def parallelize_part(part: nn.Module) -> nn.Module:
@@ -299,15 +340,27 @@ def build_model(plan: RunPlan, device: torch.device,
     if init:
         if device.type == "cuda":
             check_device_memory(plan, parts, device)
+        # CPU offload: the FSDP shards start (and stay) in host memory; buffers (the RoPE table) on the device.
+        param_device = torch.device("cpu") if cfg.training.enable_cpu_offload else device
         for part in parts:
-            init_weights(part, plan.seed, device)
+            init_weights(part, plan.seed, device, param_device)
             part.train()
-    # Without FSDP there is no MixedPrecisionPolicy to cast parameters, so autocast does it.
+    # Without FSDP there is no MixedPrecisionPolicy to cast parameters, so autocast does it (when they are stored in
+    # another dtype than the compute one).
     autocast = (torch.autocast(device.type, dtype=plan.param_dtype)
-                if plan.param_dtype != torch.float32 and not dims.fsdp_enabled else contextlib.nullcontext())
+                if plan.param_dtype != plan.dtype and not dims.fsdp_enabled else contextlib.nullcontext())
     if not init and eos_id is None:
         eos_id = 0  # a meta model runs no batch
     return ModelParts(parts, pipeline, dims, autocast, post_optimizer_hook(cfg, dims), eos_id)
+
+
+def to_training_dtype(model: nn.Module, dtype: torch.dtype) -> None:
+    """Store a meta model's parameters in `dtype` (full-bf16 training, as torchtitan's training.dtype builds it).
+    Buffers stay float32: the RoPE table is computed and applied in fp32, like the logits' loss."""
+    model.to(dtype)  # swaps each parameter's data in place: a tied weight stays one parameter
+    for module in model.modules():
+        for name, buffer in module.named_buffers(recurse=False):
+            setattr(module, name, buffer.float())
 
 
 def build_inference_model(args: ModelArgs, device: torch.device | str,

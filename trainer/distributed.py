@@ -51,13 +51,14 @@ def _flight_recorder_env(comm, dump_folder: str) -> None:
         os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "3"
 
 
-def init_distributed(comm=None, dump_folder: str = ".") -> DistInfo:
+def init_distributed(comm=None, dump_folder: str = ".", cpu_backend: bool = False) -> DistInfo:
     """Read torchrun's environment, pick the device and backend (COMM_BACKEND) and init the process group, whose
     collectives may wait comm.init_timeout_seconds (the [comm] section; torch's default without one).
 
     A run without torchrun's variables is one process and gets no process group at all; a process group that is
     already initialized is kept. gloo (COMM_BACKEND, or the kept group's backend) trains on CPU even where GPUs are
-    visible, and says so.
+    visible, and says so. `cpu_backend` (CPU offload): NCCL for CUDA tensors and gloo for host ones, since the
+    gradient norm is then reduced over shards in host memory.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
@@ -87,7 +88,10 @@ def init_distributed(comm=None, dump_folder: str = ".") -> DistInfo:
         timeout = timedelta(seconds=comm.init_timeout_seconds)
         if backend == "nccl":
             _flight_recorder_env(comm, dump_folder)
-    dist.init_process_group(backend=backend, device_id=device if backend == "nccl" else None, timeout=timeout)
+    nccl = backend == "nccl"
+    if nccl and cpu_backend:
+        backend = "cuda:nccl,cpu:gloo"
+    dist.init_process_group(backend=backend, device_id=device if nccl else None, timeout=timeout)
     if os.environ.get("COMM_BACKEND") == "nvshmem":
         use_nvshmem_symmetric_memory()
     return info
@@ -185,7 +189,7 @@ def shutdown(exit_code: int, clean: bool) -> None:
         if clean:
             dist.barrier()
             dist.destroy_process_group()
-        elif dist.get_backend() == "nccl":
+        elif "nccl" in dist.get_backend():  # also "cuda:nccl,cpu:gloo" (CPU offload)
             abort_process_groups()
         else:  # gloo's collectives fail at once when a peer is gone: nothing to wait for
             dist.destroy_process_group()

@@ -14,8 +14,8 @@ import sys
 import torch
 import torch.distributed as dist
 
-from trainer.build import (TRAINING_STATE_BYTES_PER_PARAM, attention_summary, build_model, check_data,
-                           load_tokenizer, local_param_elements, plan_run)
+from trainer.build import (attention_summary, build_model, check_data, load_tokenizer, local_param_elements, plan_run,
+                           state_bytes_per_element)
 from trainer.checkpoint_files import plan_load
 from trainer.config import ConfigError, JobConfig, help_text, load_config
 from trainer.models.llama import flops_per_token, num_params
@@ -98,7 +98,8 @@ def dry_run(cfg: JobConfig, world_size: int, require_assets: bool = False, targe
     finally:
         dist.destroy_process_group()
     total = num_params(args)
-    state = local * TRAINING_STATE_BYTES_PER_PARAM
+    state_bytes = {what: local * size for what, size in state_bytes_per_element(plan).items()}
+    offload, early = cfg.training.enable_cpu_offload, cfg.optimizer.early_step_in_backward
     # With PP this is an upper bound: it counts every microbatch in flight at once, as GPipe has them.
     tokens = cfg.training.local_batch_size * cfg.training.seq_len // dims.cp
     ac = cfg.activation_checkpoint
@@ -119,9 +120,12 @@ def dry_run(cfg: JobConfig, world_size: int, require_assets: bool = False, targe
         f"{flops_per_token(args, cfg.training.seq_len) / 1e9:.2f} GFLOPs per token at seq_len {cfg.training.seq_len}",
         f"{attention_summary(args, target)}",
         f"device: {target}; compute dtype {dtype_name} ({dtype_why}; --device cpu or cuda plans for the other)",
-        f"memory per rank (rank 0, estimate): parameters {local * 4 / GiB:.2f} GiB ({local:,} local elements), "
-        f"gradients {local * 4 / GiB:.2f} GiB, optimizer {local * 8 / GiB:.2f} GiB, activations {act / GiB:.2f} GiB "
-        f"({dtype_name}), total {(state + act) / GiB:.2f} GiB",
+        f"memory per rank (rank 0, estimate): parameters {state_bytes['parameters'] / GiB:.2f} GiB ({local:,} local "
+        f"elements) in {str(plan.dtype).removeprefix('torch.')}, gradients {state_bytes['gradients'] / GiB:.2f} GiB"
+        f"{' (each freed once its parameter is stepped: early_step_in_backward)' if early else ''}"
+        f", optimizer {state_bytes['optimizer'] / GiB:.2f} GiB"
+        f"{' (all three in host memory: enable_cpu_offload)' if offload else ''}, activations {act / GiB:.2f} GiB "
+        f"({dtype_name}), total on the device {((0 if offload else sum(state_bytes.values())) + act) / GiB:.2f} GiB",
         *notes,
         "checkpoint: " + ("disabled" if not cfg.checkpoint.enable else "starts fresh" if load is None else
                           f"{'resumes from' if load.resume else 'initial load from'} {load.path}"

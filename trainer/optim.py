@@ -20,11 +20,21 @@ def optimizer_kernel(implementation: str, params: list[nn.Parameter]) -> str:
 
 
 def build_optimizer(params: list[nn.Parameter], cfg: Optimizer) -> torch.optim.Optimizer:
-    """AdamW / Adam with the configured kernel (auto, for-loop, foreach or fused; see `optimizer_kernel`)."""
+    """AdamW / Adam with the configured kernel (auto, for-loop, foreach or fused; see `optimizer_kernel`); with
+    early_step_in_backward, one per parameter stepped in backward (trainer/optim_in_backward.py)."""
     cls = {"AdamW": torch.optim.AdamW, "Adam": torch.optim.Adam}[cfg.name]
     impl = {"for-loop": {"foreach": False, "fused": False}, "foreach": {"foreach": True},
             "fused": {"fused": True}}[optimizer_kernel(cfg.implementation, params)]
-    return cls(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay, **impl)
+
+    def make(group: list[nn.Parameter]) -> torch.optim.Optimizer:
+        return cls(group, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay,
+                   **impl)
+
+    if cfg.early_step_in_backward:
+        from trainer.optim_in_backward import OptimizerInBackward  # which builds on this module's norm helpers
+
+        return OptimizerInBackward(params, make)
+    return make(params)
 
 
 def lr_factor(step: int, cfg: LRScheduler, total_steps: int) -> float:
@@ -51,6 +61,41 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: LRScheduler, total
     return LambdaLR(optimizer, lambda step: lr_factor(step, cfg, total_steps))
 
 
+def norm_group(grad: torch.Tensor) -> tuple[tuple, torch.Tensor]:
+    """(key, local tensor) of one gradient for the global norm: gradients sharded over the same mesh dims share a
+    key, and their squares are summed over those dims once per key (`total_norm`)."""
+    if not isinstance(grad, DTensor):
+        return (None, ()), grad
+    if any(p.is_partial() for p in grad.placements):  # unreduced sums: reduce them before squaring
+        grad = grad.redistribute(placements=[Replicate() if p.is_partial() else p for p in grad.placements])
+    # Shard and _StridedShard (FSDP over TP), which is no Shard subclass in torch 2.13: not replicated.
+    sharded = tuple(i for i, p in enumerate(grad.placements) if not p.is_replicate())
+    return (grad.device_mesh, sharded), grad.to_local()
+
+
+def local_squares(local: list[torch.Tensor]) -> torch.Tensor:
+    """Sum of squares of local tensors, with one foreach norm. torch's CPU fp32 norm kernel accumulates
+    sequentially: ~1e-4 relative error on a 2048x256 gradient, 7e-4 at 4096^2 (its sum kernel is accurate). So
+    accumulate in fp64 there; CUDA reductions are accurate in fp32."""
+    acc = torch.float64 if local[0].device.type == "cpu" else None
+    return torch.stack(torch._foreach_norm(local, 2.0, dtype=acc)).square().sum()
+
+
+def total_norm(squares: dict[tuple, torch.Tensor], device, pp_group=None) -> torch.Tensor:
+    """The global L2 norm from each group's local sum of squares (keys from `norm_group`): summed over the group's
+    shard dims, then over groups, then over pipeline stages. No host sync."""
+    device = torch.device(device if device is not None else "cpu")
+    total = torch.zeros((), device=device, dtype=torch.float64 if device.type == "cpu" else torch.float32)
+    for (mesh, sharded), group_squares in squares.items():
+        if sharded:  # each rank holds a part of these gradients: add the parts' squares up over the shard dims
+            partial = [Partial() if i in sharded else Replicate() for i in range(mesh.ndim)]
+            group_squares = DTensor.from_local(group_squares, mesh, partial).full_tensor()
+        total = total + group_squares.to(total.dtype)
+    if pp_group is not None:  # each stage holds different parameters: sum squares over stages
+        torch.distributed.all_reduce(total, group=pp_group)
+    return total.sqrt().float()
+
+
 @torch.no_grad()
 def clip_grad_norm_(params: list[nn.Parameter], max_norm: float, pp_group=None,
                     norm_skip: list[nn.Parameter] = ()) -> torch.Tensor:
@@ -61,34 +106,17 @@ def clip_grad_norm_(params: list[nn.Parameter], max_norm: float, pp_group=None,
     logs it. max_norm <= 0 only measures.
     """
     skip = {id(p) for p in norm_skip}
-    grads = [p.grad for p in params if p.grad is not None and id(p) not in skip]
-    # torch's CPU fp32 norm kernel accumulates sequentially: ~1e-4 relative error on a 2048x256 gradient, 7e-4 at
-    # 4096^2 (its sum kernel is accurate). Accumulate in fp64 there; CUDA reductions are accurate in fp32.
-    acc = torch.float64 if grads and grads[0].device.type == "cpu" else None
     # One foreach norm over the local shards of each group of gradients that is sharded over the same mesh dims,
     # then one sum of squares over those dims per group. torch._foreach_norm on the DTensors themselves would go
     # through DTensor's sharding propagation for a foreach op over mixed placements (seconds on a 3-D mesh's first
     # step, see the scaling below), and get_total_norm has no fp64 accumulation.
     groups: dict[tuple, list[torch.Tensor]] = {}
-    for g in grads:
-        mesh, sharded = None, ()
-        if isinstance(g, DTensor):
-            if any(p.is_partial() for p in g.placements):  # unreduced sums: reduce them before squaring
-                g = g.redistribute(placements=[Replicate() if p.is_partial() else p for p in g.placements])
-            # Shard and _StridedShard (FSDP over TP), which is no Shard subclass in torch 2.13: not replicated.
-            mesh, sharded = g.device_mesh, tuple(i for i, p in enumerate(g.placements) if not p.is_replicate())
-            g = g.to_local()
-        groups.setdefault((mesh, sharded), []).append(g)
-    squares = torch.zeros((), device=params[0].device if params else None, dtype=acc or torch.float32)
-    for (mesh, sharded), local in groups.items():
-        group_squares = torch.stack(torch._foreach_norm(local, 2.0, dtype=acc)).square().sum()
-        if sharded:  # each rank holds a part of these gradients: add the parts' squares up over the shard dims
-            partial = [Partial() if i in sharded else Replicate() for i in range(mesh.ndim)]
-            group_squares = DTensor.from_local(group_squares, mesh, partial).full_tensor()
-        squares = squares + group_squares.to(squares.dtype)
-    if pp_group is not None:  # each stage holds different parameters: sum squares over stages
-        torch.distributed.all_reduce(squares, group=pp_group)
-    total = squares.sqrt().float()
+    for p in params:
+        if p.grad is not None and id(p) not in skip:
+            key, local = norm_group(p.grad)
+            groups.setdefault(key, []).append(local)
+    squares = {key: local_squares(local) for key, local in groups.items()}
+    total = total_norm(squares, params[0].device if params else None, pp_group)
     if max_norm > 0:
         # Scaling is elementwise, so it runs on each shard's local tensor: a foreach op over DTensors of mixed
         # placements goes through DTensor's sharding propagation, which took seconds on a 3-D mesh's first step.

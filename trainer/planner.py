@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from trainer.build import TRAINING_STATE_BYTES_PER_PARAM, build_model, model_args_for, plan_run
+from trainer.build import build_model, model_args_for, plan_run, state_bytes_per_element
 from trainer.config import ConfigError, JobConfig, validate
 from trainer.cost_model import StepShape, recompute_factor, step_seconds
 from trainer.device_profiles import GiB, DeviceProfile, device_profile
@@ -247,7 +247,9 @@ class Planner:
             comm += (2 * mb_tokens * args.dim * pbytes if layout.tp > 1 else 0) + \
                 (4 * mb_tokens * kv_dim // layout.tp * pbytes if layout.cp > 1 else 0) + \
                 (2 * mb_tokens * args.dim * pbytes * len(stage_ids) if pp_plan else 0)
-            memory = {"params": local * 4, "grads": local * 4, "optimizer": local * 8, "activations": int(act),
+            state = state_bytes_per_element(plan)
+            memory = {"params": local * state["parameters"], "grads": local * state["gradients"],
+                      "optimizer": local * state["optimizer"], "activations": int(act),
                       "comm": comm, "overhead": self.device.overhead_bytes}
             memory["total"] = sum(memory.values())
             weight = sum(math.prod(s) for n, s in mine.items() if not n.startswith("tok_embeddings"))
@@ -311,7 +313,8 @@ def smallest_fitting_world(cfg: JobConfig, world_size: int, device: str, gpus_pe
     candidates = sorted({n for n in range(world_size + 1, limit + 1)
                          if n & (n - 1) == 0 or n % gpus_per_node == 0})
     dev = device_profile(device, world_size)
-    states = TRAINING_STATE_BYTES_PER_PARAM * num_params(model_args_for(cfg))
+    # Parameters and AdamW's two moments in training.dtype (gradients may be freed early): a lower bound.
+    states = 3 * (2 if cfg.training.dtype == "bfloat16" else 4) * num_params(model_args_for(cfg))
     for n in candidates:
         # Every rank holds at least its share of the training state: skip what cannot fit without planning it.
         if states / n > device_profile(device, n).memory_bytes - dev.overhead_bytes:

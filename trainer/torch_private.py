@@ -5,6 +5,7 @@ Checked against torch 2.13.0. tests/unit/test_torch_private.py fails loudly when
 
 import contextlib
 
+from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 
@@ -281,3 +282,11 @@ def fake_peak_bytes(build, step) -> dict[str, int]:
             name = str(kind).rsplit(".", 1)[-1].lower()
             out[name] = out.get(name, 0) + n
     return out
+
+
+# --- FSDP2's offload policy (training.enable_cpu_offload) -----------------------------------------------------------
+def fsdp_offload_policies(module: nn.Module) -> list:
+    """The OffloadPolicy of each FSDP2 parameter group that fully_shard made under `module` (torch 2.13 keeps it on
+    the module's private FSDPState): a check that CPU offload is in force where the device is the CPU anyway."""
+    return [group.offload_policy for m in module.modules() if hasattr(m, "_get_fsdp_state")
+            for group in m._get_fsdp_state()._fsdp_param_groups]

@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
-from trainer.build import attention_summary, build_model, check_data, load_tokenizer, plan_run
+from trainer.build import attention_summary, bf16_speed_note, build_model, check_data, load_tokenizer, plan_run
 from trainer.checkpoint import Checkpointer
 from trainer.config import ConfigError, JobConfig, help_text, load_config, save_config
 from trainer.data.dataloader import build_dataloader, to_device
@@ -23,6 +23,7 @@ from trainer.distributed import agreed_errors, collective_failure, init_distribu
 from trainer.metrics import MetricsLogger, peak_flops
 from trainer.models.llama import flops_per_token, num_params
 from trainer.optim import build_lr_scheduler, build_optimizer, clip_grad_norm_
+from trainer.optim_in_backward import OptimizerInBackward
 from trainer.parallel.compile import maybe_compile_loss
 from trainer.parallel_dims import device_type
 from trainer.profiling import maybe_profile
@@ -52,7 +53,11 @@ def feature_summary(cfg: JobConfig) -> str:
     ac_text = f"selective {ac.selective_ac_option}" if ac.mode == "selective" else ac.mode
     compile_text = f"{'+'.join(c.components)} ({c.backend})" if c.enable and c.components else "off"
     converters = f" | converters {', '.join(cfg.model.converters)}" if cfg.model.converters else ""
-    return f"activation checkpointing {ac_text} | compile {compile_text}{converters}"
+    levers = [text for on, text in ((cfg.training.enable_cpu_offload, "CPU offload"),
+                                    (cfg.training.dtype != "float32", f"full {cfg.training.dtype} (no fp32 master)"),
+                                    (cfg.optimizer.early_step_in_backward, "optimizer steps in backward")) if on]
+    return (f"activation checkpointing {ac_text} | compile {compile_text}{converters}"
+            + "".join(f" | {text}" for text in levers))
 
 
 @dataclass
@@ -91,7 +96,7 @@ class LoopObserver:
 class Trainer:
     def __init__(self, cfg: JobConfig, observers: tuple[LoopObserver, ...] = ()):
         self.cfg, self.observers = cfg, observers
-        self.dist = init_distributed(cfg.comm, cfg.job.dump_folder)
+        self.dist = init_distributed(cfg.comm, cfg.job.dump_folder, cpu_backend=cfg.training.enable_cpu_offload)
         self.device = self.dist.device
         enable_tf32(self.device)
         # Layout: every check and derived figure, before anything is allocated (trainer/build.py). What reads files
@@ -135,6 +140,8 @@ class Trainer:
                   f"{feature_summary(cfg)} | {attention_summary(plan.model_args, self.device.type)}")
         if plan.pp_plan is not None:
             self._log(plan.pp_plan.describe())
+        if (note := bf16_speed_note(plan)) is not None:
+            self._log(note)
         if cfg.job.save_config_file and self.dist.rank == 0:
             self._log(f"config saved to {save_config(cfg, Path(cfg.job.dump_folder) / cfg.job.save_config_file)}")
 
@@ -217,9 +224,12 @@ class Trainer:
         loss = sum(self.forward_backward(*to_device(batch, self.device)) for batch in batches)
         if pipeline:
             pipeline.sync_tied_grads()
-        grad_norm = clip_grad_norm_(self.params, self.cfg.training.max_norm,
-                                    pp_group=pipeline.group if pipeline else None,
-                                    norm_skip=pipeline.norm_skip if pipeline else ())
+        if isinstance(self.optimizer, OptimizerInBackward):  # stepped in backward, gradients freed (no clipping)
+            grad_norm = self.optimizer.grad_norm()
+        else:
+            grad_norm = clip_grad_norm_(self.params, self.cfg.training.max_norm,
+                                        pp_group=pipeline.group if pipeline else None,
+                                        norm_skip=pipeline.norm_skip if pipeline else ())
         self.optimizer.step()
         self.model.after_optimizer_step()  # float8 with FSDP: the next all-gather's weight scales, all at once
         self.lr_scheduler.step()

@@ -60,16 +60,23 @@ def copy_full_(param: Tensor, full: Tensor) -> None:
 
 
 @torch.no_grad()
-def init_weights(model: nn.Module, seed: int, device: torch.device) -> None:
+def init_weights(model: nn.Module, seed: int, device: torch.device, param_device: torch.device | None = None) -> None:
     """Move `model` off the meta device onto `device` and initialize parameters and buffers in place. Each rank
-    draws one full parameter at a time and keeps its shard: the memory of the largest tensor, never the model."""
-    materialize(model, device)
+    draws one full parameter at a time and keeps its shard: the memory of the largest tensor, never the model.
+    `param_device` (CPU offload: the host) holds the parameters instead; the values are drawn on `device` still,
+    so they are the same with and without offloading."""
+    materialize(model, param_device or device)
+    if param_device is not None and param_device != device:
+        for module in model.modules():  # the buffers (RoPE table) are used where the compute runs
+            for name, buffer in module.named_buffers(recurse=False):
+                setattr(module, name, buffer.to(device))
     for name, param in model.named_parameters():
         # A tied output matrix is the embedding by another name: a last pipeline stage that holds only `output`
         # must draw what the unsplit model draws for tok_embeddings.weight.
         if model.args.tie_word_embeddings and name == "output.weight":
             name = "tok_embeddings.weight"
-        full = torch.empty(param.shape, dtype=param.dtype, device=device)
+        # Drawn in fp32 at least, then rounded (copy_full_): a bf16 model starts from the fp32 run's weights, rounded.
+        full = torch.empty(param.shape, dtype=torch.promote_types(param.dtype, torch.float32), device=device)
         model.init_param_(name, full, param_generator(seed, name, device))
         copy_full_(param, full)
 

@@ -15,6 +15,7 @@ CP = "parallelism.context_parallel_degree"
 PP = "parallelism.pipeline_parallel_degree"
 SCHEDULE = "parallelism.pipeline_parallel_schedule"
 LOCAL = "training.local_batch_size"
+OFFLOAD = "training.enable_cpu_offload"
 
 
 def _pp(degree: int, schedule: str, **spec) -> dict:
@@ -73,6 +74,10 @@ LAYOUTS: dict[str, tuple[int, dict]] = {
             '"norm", "output"]]'})),
     "pp=2 x tp=2 1F1B": (4, _pp(2, "1F1B", **{TP: 2})),
     "pp=2 x dp_shard=2 x tp=2 1F1B": (8, _pp(2, "1F1B", **{DP_SHARD: 2, TP: 2, LOCAL: 2})),
+    # FSDP2's CPU offload policy (parameters, gradients and optimizer states in host memory)
+    "dp_shard=2 cpu offload": (2, {DP_SHARD: 2, LOCAL: 2, OFFLOAD: True}),
+    "dp_shard=2 x tp=2 cpu offload": (4, {DP_SHARD: 2, TP: 2, LOCAL: 2, OFFLOAD: True}),
+    "pp=2 x dp_shard=2 1F1B cpu offload": (4, _pp(2, "1F1B", **{DP_SHARD: 2, LOCAL: 2, OFFLOAD: True})),
 }
 
 

@@ -62,6 +62,17 @@ CASES = {
     # resume they are computed in the first forward, and must equal the ones precomputed after step 5.
     "dp_shard=2 float8 with float8 all-gather + precompute, SIGTERM after step 5": Case(
         "dp_shard=2", ["--signal-at-step", "5"], "dp_shard=2", 5, common=FLOAT8_ALL_GATHER),
+    # Memory levers: the optimizer state of host shards (CPU offload) and of per-parameter optimizers stepped in
+    # backward goes through the same DCP state dict; a resume continues exactly.
+    "dp_shard=2 cpu offload, SIGTERM after step 5": Case(
+        "dp_shard=2 cpu offload", ["--signal-at-step", "5"], "dp_shard=2 cpu offload", 5),
+    "dp_shard=2 early_step_in_backward, SIGTERM after step 5": Case(
+        "dp_shard=2", ["--signal-at-step", "5"], "dp_shard=2", 5,
+        common={"optimizer.early_step_in_backward": True, "training.max_norm": 0}),
+    # The state dict of per-parameter optimizers is one AdamW's: a run without early steps resumes it exactly.
+    "dp_shard=2 early_step_in_backward -> without": Case(
+        "dp_shard=2", ["--signal-at-step", "5"], "dp_shard=2", 5, {"optimizer.early_step_in_backward": True},
+        {"optimizer.early_step_in_backward": False}, common={"training.max_norm": 0}),
     "kill -9 during the async save of step 4": Case(
         "dp_shard=2", ["--kill-at-step", "4", "--slow-writes", "3"], "dp_shard=2", 2,
         {**ASYNC, "checkpoint.interval": 2}),
@@ -70,7 +81,8 @@ CASES = {
 SLOW = {"dp_shard=2, from the async save of step 5", "dp_shard=4 -> dp_shard=2 (reshard)", "cp=2, SIGTERM after step 5",
         "pp=2 Interleaved1F1B (2 stages per rank) -> dp_shard=2 (reshard)", "dp_shard=4 -> dp_shard=2 x tp=2 (reshard)",
         "kill -9 during the async save of step 4",
-        "dp_shard=2 float8 with float8 all-gather + precompute, SIGTERM after step 5"}
+        "dp_shard=2 float8 with float8 all-gather + precompute, SIGTERM after step 5",
+        "dp_shard=2 early_step_in_backward, SIGTERM after step 5", "dp_shard=2 early_step_in_backward -> without"}
 
 
 def train(pool, layout: str, out, settings: dict, switches: list[str] = ()) -> tuple[dict, str]:

@@ -163,3 +163,14 @@ def test_fake_peak_bytes_counts_a_linear_layer():
     counted = fake_peak_bytes(lambda: torch.nn.Linear(64, 32, bias=False), step)
     assert counted["param"] == 64 * 32 * 4, counted  # MemTracker's kinds or its peak snapshot changed
     assert counted["total"] == sum(v for k, v in counted.items() if k != "total") and counted["act"] > 0, counted
+
+
+def test_fsdp_offload_policy_internals():
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
+    from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState
+
+    assert callable(getattr(FSDPModule, "_get_fsdp_state", None)), "FSDPModule._get_fsdp_state is gone: update " \
+                                                                    "fsdp_offload_policies"
+    assert "_fsdp_param_groups" in inspect.getsource(FSDPState.__init__), "FSDPState._fsdp_param_groups is gone"
+    assert "self.offload_policy" in inspect.getsource(FSDPParamGroup.__init__), "FSDPParamGroup.offload_policy is gone"

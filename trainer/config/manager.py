@@ -409,6 +409,19 @@ def validate(cfg: JobConfig) -> None:
            f"parallelism.pipeline_parallel_microbatch_size = {p.pipeline_parallel_microbatch_size}; make it one")
     _one_of("training.mixed_precision_param", t.mixed_precision_param, ("auto", "float32", "bfloat16"))
     _one_of("training.mixed_precision_reduce", t.mixed_precision_reduce, ("float32", "bfloat16"))
+    _one_of("training.dtype", t.dtype, ("float32", "bfloat16"))
+    _check(t.dtype == "float32" or t.mixed_precision_param != "float32",
+           f"training.dtype = {t.dtype!r} with mixed_precision_param = 'float32': the weights are stored in {t.dtype} "
+           f"and would only be upcast for compute; set mixed_precision_param = 'bfloat16' (or auto), or training.dtype "
+           f"= 'float32' for float32 master weights")
+    _check(not o.early_step_in_backward or t.max_norm <= 0,
+           f"optimizer.early_step_in_backward = true with training.max_norm = {t.max_norm}: clipping needs the norm "
+           f"over every gradient, but each parameter is stepped as soon as its own is ready; set "
+           f"training.max_norm = 0, or early_step_in_backward = false")
+    _check(not o.early_step_in_backward or p.pipeline_parallel_degree == 1,
+           f"optimizer.early_step_in_backward = true with parallelism.pipeline_parallel_degree = "
+           f"{p.pipeline_parallel_degree}: a schedule runs several microbatches' backwards per step, and each would "
+           f"step the optimizer; set early_step_in_backward = false (or pipeline_parallel_degree = 1)")
     _one_of("parallelism.fsdp_reshard_after_forward", p.fsdp_reshard_after_forward, ("default", "always", "never"))
     _one_of("optimizer.name", o.name, ("AdamW", "Adam"))
     _one_of("optimizer.implementation", o.implementation, ("auto", "for-loop", "foreach", "fused"))

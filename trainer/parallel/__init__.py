@@ -31,5 +31,6 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: JobConfig, param_dtyp
     if dims.fsdp_enabled:
         apply_fsdp(model, dims.mesh("fsdp"), param_dtype=param_dtype,
                    reduce_dtype=getattr(torch, cfg.training.mixed_precision_reduce),
-                   reshard_after_forward=p.fsdp_reshard_after_forward, pp_enabled=dims.pp > 1)
+                   reshard_after_forward=p.fsdp_reshard_after_forward, pp_enabled=dims.pp > 1,
+                   cpu_offload=cfg.training.enable_cpu_offload)
     return model
