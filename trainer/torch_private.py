@@ -44,6 +44,18 @@ def enable_async_tensor_parallel() -> None:
     torch._inductor.config._micro_pipeline_tp = True
 
 
+def set_activation_memory_budget(budget: float, pareto_dir: str | None = None) -> None:
+    """The share of activations the compiler's partitioner may keep for backward in every graph compiled from now
+    on: 1.0 (torch's default) optimizes for runtime, 0.0 recomputes as much as checkpointing the whole compiled
+    region would (private torch._functorch.config in 2.13, as torchtitan sets it). With `pareto_dir`, each graph
+    also draws its runtime-against-memory curve there as an SVG (needs matplotlib)."""
+    import torch._functorch.config
+
+    torch._functorch.config.activation_memory_budget = budget
+    torch._functorch.config.visualize_memory_budget_pareto = pareto_dir is not None
+    torch._functorch.config.memory_budget_pareto_dir = pareto_dir
+
+
 def abort_process_groups() -> None:
     """Abort every process group at once, without waiting for collectives still in flight (private
     `_abort_process_group` in 2.13; destroy_process_group waits on them, on NCCL up to its 10-minute watchdog)."""

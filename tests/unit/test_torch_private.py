@@ -110,3 +110,21 @@ def test_checkpoint_storage_extents(tmp_path):
     extents = storage_extents(dcp.FileSystemReader(str(tmp_path)).read_metadata())
     assert list(extents) == ["__0_0.distcp"]  # one file per rank, every item in it
     assert 100 * 4 + 21 * 4 <= extents["__0_0.distcp"] <= (tmp_path / "__0_0.distcp").stat().st_size
+
+
+def test_activation_memory_budget_config():
+    import torch._functorch.config as functorch_config
+
+    from trainer.torch_private import set_activation_memory_budget
+
+    for name in ("activation_memory_budget", "visualize_memory_budget_pareto", "memory_budget_pareto_dir"):
+        assert hasattr(functorch_config, name), f"torch._functorch.config lost {name}: update " \
+                                                "set_activation_memory_budget"
+    try:
+        set_activation_memory_budget(0.25, "/tmp/pareto")
+        assert functorch_config.activation_memory_budget == 0.25
+        assert functorch_config.visualize_memory_budget_pareto
+        assert functorch_config.memory_budget_pareto_dir == "/tmp/pareto"
+    finally:
+        set_activation_memory_budget(1.0)
+    assert functorch_config.activation_memory_budget == 1.0 and not functorch_config.visualize_memory_budget_pareto
