@@ -13,6 +13,7 @@ from trainer.parallel.context_parallel import apply_context_parallel
 from trainer.parallel.fsdp import apply_fsdp
 from trainer.parallel.tensor_parallel import apply_tensor_parallel
 from trainer.parallel_dims import ParallelDims
+from trainer.torch_private import set_autograd_cache
 
 
 def parallelize(model: nn.Module, dims: ParallelDims, cfg: JobConfig, param_dtype: torch.dtype,
@@ -28,6 +29,9 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: JobConfig, param_dtyp
         apply_context_parallel(device_type, p.context_parallel_load_balance, p.context_parallel_rotate_method)
     apply_activation_checkpointing(model, cfg.activation_checkpoint,
                                    pareto_dir=os.path.join(cfg.job.dump_folder, "memory_budget_pareto"))
+    if cfg.compile.enable:
+        # Process-wide, and set by every build: graphs over DTensors compile fresh (see set_autograd_cache).
+        set_autograd_cache(enabled=dims.tp == 1 and dims.cp == 1)
     if cfg.compile.enable and "model" in cfg.compile.components:
         apply_compile(model, cfg.compile.backend, compiles_whole_blocks(device_type, dims.tp))
     if dims.fsdp_enabled:
