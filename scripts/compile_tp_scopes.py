@@ -4,7 +4,7 @@
         block feed_forward attention norms loss attention:aot_eager
 
 Builds the debug model at tp=2 (sequence and loss parallel, as training runs it) on this machine's device, compiles
-the named scope in every block (block, feed_forward, attention, norms) or the loss, runs one forward and backward
+the named scope in every block (block, feed_forward, attention, norms, or several joined by "+") or the loss, runs one forward and backward
 on a fixed batch, and prints, per scope, the loss's relative difference from the eager run and the worst
 relative gradient difference over parameters (max |g - g_eager| / max |g_eager|), with the parameters above 1e-5.
 A scope's backend defaults to inductor; "attention:aot_eager" picks another. trainer/parallel/compile.py decides
@@ -21,6 +21,7 @@ from torch.distributed.tensor import DTensor
 
 from trainer.models.llama import Transformer, get_model_args
 from trainer.parallel.tensor_parallel import apply_tensor_parallel, loss_context
+from trainer.torch_private import set_autograd_cache
 from trainer.weights import init_weights
 
 
@@ -34,9 +35,9 @@ def loss_and_grads(args, mesh, device, tokens, scope: str, backend: str):
         model = Transformer(args)
     apply_tensor_parallel(model, mesh, loss_parallel_enabled=True)
     for block in model.layers.values():
-        targets = {"block": [block], "feed_forward": [block.feed_forward], "attention": [block.attention],
-                   "norms": [block.attention_norm, block.ffn_norm]}.get(scope, [])
-        for module in targets:
+        scopes = {"block": [block], "feed_forward": [block.feed_forward], "attention": [block.attention],
+                  "norms": [block.attention_norm, block.ffn_norm]}
+        for module in [m for name in scope.split("+") for m in scopes.get(name, [])]:
             module.compile(backend=backend, fullgraph=True)
     init_weights(model, seed=7, device=device)
 
@@ -54,6 +55,7 @@ def loss_and_grads(args, mesh, device, tokens, scope: str, backend: str):
 
 def main() -> None:
     dist.init_process_group()
+    set_autograd_cache(False)  # as the trainer runs TP: a warm cache returns wrong graphs over DTensors
     device = torch.device("cuda", dist.get_rank()) if torch.cuda.is_available() else torch.device("cpu")
     mesh = init_device_mesh(device.type, (dist.get_world_size(),), mesh_dim_names=("tp",))
     args = get_model_args("llama3", "debugmodel")

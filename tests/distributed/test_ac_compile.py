@@ -1,7 +1,8 @@
 """Activation checkpointing and torch.compile against eager runs without checkpointing.
 
-Compile with tensor parallel is its own case: on CPU only each block's feed_forward is compiled (compile.py), and
-it must still match. memory_budget recomputes inside the compiled blocks, so it has compile's tolerance.
+Compile with tensor parallel is its own case: on CPU each block's attention and feed_forward are compiled and its
+norms stay eager (compile.py), and it must still match. Several cases compile the same graphs in one session, so
+they also catch a warm compile cache handing back wrong code (torch_private.set_autograd_cache). memory_budget recomputes inside the compiled blocks, so it has compile's tolerance.
 
 Recomputation reruns the same ops on the same inputs, so a checkpointed run must match the eager run of its
 layout to rounding (1e-6; bit-identical in practice); compiled kernels fuse and reorder float math, so compile

@@ -5,15 +5,15 @@ graph serves them all (compile time does not grow with depth), and FSDP2's per-b
 graphs. `module.compile()` compiles the module's call in place, so parameter names keep no `_orig_mod.` prefix.
 Applied after activation checkpointing (compile then sees the checkpoint and traces it) and before FSDP.
 
-Tensor parallel on CPU (torch 2.13, measured at tp=2 with sequence and loss parallel against eager tp=2, same
-weights and batch; the experiment is in the README's compile section): a whole compiled block crashes in backward
-(`'Tensor' object has no attribute '_local_tensor'`); an inductor-compiled attention, or compiled norms, run but
-give wrong gradients (attention: every gradient off by up to 100%; norms: the embedding's by 7%), while aot_eager
-gets attention right, so the fault is in inductor's CPU code for these DTensor graphs. A compiled feed_forward
-(the SwiGLU MLP, its all-gather and reduce-scatter included) and a compiled loss under loss parallel match eager
-to 5e-7. So there, only each block's feed_forward is compiled and the rest of the block runs eager. Training TP
-always runs sequence parallel (without it the norms stay plain tensors that foreach AdamW refuses next to
-DTensors), so "attention without SP", which compiles correctly, is no training layout. CUDA keeps whole blocks.
+Tensor parallel on CPU (torch 2.13, measured by scripts/compile_tp_scopes.py at tp=2 with sequence and loss parallel
+against eager tp=2, same weights and batch; figures in the README's compile section): a whole compiled block
+crashes in backward (`'Tensor' object has no attribute '_local_tensor'`), and the compiled RMSNorms (sequence
+parallel) run but give the embedding a gradient 7% off. Attention and feed_forward compiled together, their
+all-gathers and reduce-scatters included, match eager to 3.5e-7, and so does the compiled loss under loss parallel.
+So there each block's attention and feed_forward are compiled, and its norms and residual adds run eager. (Earlier
+measurements that found compiled attention wrong had read graphs from a warm AOTAutograd cache, which returns wrong
+code for graphs over DTensors: see torch_private.set_autograd_cache, which parallelize() applies.) CUDA keeps whole
+blocks.
 """
 
 from collections.abc import Callable
@@ -35,7 +35,7 @@ def check_compile_supported(cfg: JobConfig, device_type: str) -> None:
 
 
 def compiles_whole_blocks(device_type: str, tp: int) -> bool:
-    """Whether each whole block is compiled (True) or only its feed_forward (CPU with tensor parallel)."""
+    """Whether each whole block is compiled (True) or its attention and feed_forward (CPU with tensor parallel)."""
     return not (device_type == "cpu" and tp > 1)
 
 
@@ -44,7 +44,7 @@ def compile_summary(cfg: JobConfig, device_type: str, tp: int) -> str:
     c = cfg.compile
     if not (c.enable and c.components):
         return "off"
-    parts = [("model (feed_forward only)" if not compiles_whole_blocks(device_type, tp) else "model")
+    parts = [("model (attention + feed_forward)" if not compiles_whole_blocks(device_type, tp) else "model")
              if component == "model" else component for component in c.components]
     return f"{'+'.join(parts)} ({c.backend})"
 
@@ -54,15 +54,16 @@ def eager_note(cfg: JobConfig, device_type: str, tp: int) -> str | None:
     c = cfg.compile
     if not (c.enable and "model" in c.components) or compiles_whole_blocks(device_type, tp):
         return None
-    return (f"compile on CPU with tensor_parallel_degree {tp}: only each block's feed_forward is compiled; attention, "
-            "the norms and the residual adds run eager, because torch 2.13 on CPU crashes in backward (whole block) "
-            "or computes wrong gradients (attention, norms) when it compiles them under sequence parallel")
+    return (f"compile on CPU with tensor_parallel_degree {tp}: each block's attention and feed_forward are compiled, "
+            "its two norms and residual adds run eager, because torch 2.13 on CPU crashes in backward compiling a "
+            "whole block and computes a wrong embedding gradient compiling the sequence-parallel norms")
 
 
 def apply_compile(model: nn.Module, backend: str, whole_blocks: bool = True) -> None:
-    """Compile every block of `model.layers` in place, or with `whole_blocks=False` only its feed_forward."""
+    """Compile every block of `model.layers` in place, or with `whole_blocks=False` its attention and feed_forward."""
     for block in model.layers.values():
-        (block if whole_blocks else block.feed_forward).compile(backend=backend, fullgraph=True)
+        for module in [block] if whole_blocks else [block.attention, block.feed_forward]:
+            module.compile(backend=backend, fullgraph=True)
 
 
 def maybe_compile_loss(loss_fn: Callable, cfg: JobConfig) -> Callable:
