@@ -159,3 +159,18 @@ def test_dry_run_memory_budget_estimate_and_eager_note():
                                   "--activation_checkpoint.mode", "memory_budget",
                                   "--parallelism.tensor_parallel_degree", "2"]), 2, target="cpu")
     assert "attention and feed_forward are compiled" in report and "dry run OK" in report
+
+
+def test_memory_budget_pareto_is_drawn(tmp_path):
+    torch._dynamo.reset()
+    model = Transformer(TINY)
+    model.init_weights(seed=3)
+    apply_activation_checkpointing(model, ActivationCheckpoint(mode="memory_budget", memory_budget=0.5,
+                                                               visualize_memory_budget_pareto=True),
+                                   pareto_dir=str(tmp_path))
+    try:
+        apply_compile(model, "inductor")
+        _loss_and_grads(model, torch.randint(0, TINY.vocab_size, (2, 32)))
+    finally:
+        apply_activation_checkpointing(Transformer(TINY), ActivationCheckpoint())  # back to torch's defaults
+    assert list(tmp_path.glob("memory_budget_pareto*.svg"))
