@@ -53,8 +53,8 @@ def set_activation_memory_budget(budget: float, pareto_dir: str | None = None) -
 
     torch._functorch.config.activation_memory_budget = budget
     # Below 1.0 the partitioner sizes every graph input, and refuses the opaque objects it cannot measure; the only
-    # such inputs of our graphs are the process groups of tensor parallel's collectives (in the compiled
-    # feed_forward), which hold no activations: size zero is exact for them.
+    # such inputs of our graphs are the process groups of tensor parallel's collectives (in the compiled attention
+    # and feed_forward), which hold no activations: size zero is exact for them.
     torch._functorch.config.unsafe_treat_script_objects_as_zero_size = budget < 1.0
     torch._functorch.config.visualize_memory_budget_pareto = pareto_dir is not None
     torch._functorch.config.memory_budget_pareto_dir = pareto_dir
@@ -63,8 +63,9 @@ def set_activation_memory_budget(budget: float, pareto_dir: str | None = None) -
 def set_autograd_cache(enabled: bool) -> None:
     """Whether torch.compile may reuse compiled forward/backward graphs from its on-disk AOTAutograd cache for every
     graph compiled from now on (private torch._functorch.config in 2.13; torch's default is on). In 2.13 a cached
-    graph over DTensors (tensor parallel's MLP, the loss under loss parallel) comes back wrong: on CPU a warm cache
-    turned a tp=2 run's first loss from 8.00 into 3.40, while the cold run matched eager to 1e-7."""
+    graph over DTensors can come back wrong. Measured on CPU at tp=2: the loss under loss parallel, read back from
+    the same config's cache, turned the first loss from 8.00 into 3.40 (cold: equal to eager within 1e-7); and
+    attention and MLP graphs read from a cache that other layouts had filled gave gradients off by up to 116%."""
     import torch._functorch.config
 
     torch._functorch.config.enable_autograd_cache = enabled
