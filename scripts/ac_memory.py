@@ -1,6 +1,10 @@
 """Peak memory and step time per activation-checkpointing mode, eager and compiled, one fresh process each.
 
     PYTHONPATH=. python scripts/ac_memory.py --seq-len 1024 --batch 8 --steps 4 [--compile] [--threads 2]
+    PYTHONPATH=. python scripts/ac_memory.py --compile --modes none full "budget 1.0" "budget 0.5" "budget 0.0"
+
+The "budget B" cases are mode = memory_budget with memory_budget = B: they need compile, so they run only in the
+compiled pass.
 
 Each case runs the real Trainer (debug model, fp32, 1 process) for --steps steps in its own subprocess, so peak RSS
 (ru_maxrss: CPU has no allocator statistics) belongs to that case alone, and a compiled case starts with an empty
@@ -26,6 +30,8 @@ CASES = {  # name -> overrides
     "selective 2": ["--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_ac_option", "2"],
     "selective op": ["--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_ac_option", "op"],
     "full": ["--activation_checkpoint.mode", "full"],
+    **{f"budget {b}": ["--activation_checkpoint.mode", "memory_budget", "--activation_checkpoint.memory_budget", b]
+       for b in ("1.0", "0.5", "0.0")},
 }
 
 
@@ -82,6 +88,8 @@ def main() -> None:
     print(f"{'mode':<14}{'compile':<9}{'RSS before':>11}{'peak RSS':>10}{'delta':>8}{'step 1':>9}{'steady':>9}  loss 1")
     for compiled in ([False, True] if args.compile else [False]):
         for name in args.modes:
+            if name.startswith("budget") and not compiled:
+                continue
             r = run_case(name, compiled, args)
             steady = statistics.median(r["step_s"][1:]) if len(r["step_s"]) > 1 else float("nan")
             print(f"{name:<14}{'yes' if compiled else 'no':<9}{r['rss_before_gib']:>9.2f}Gi"

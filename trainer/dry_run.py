@@ -19,6 +19,7 @@ from trainer.build import (attention_summary, build_model, check_data, load_toke
 from trainer.checkpoint_files import plan_load
 from trainer.config import ConfigError, JobConfig, help_text, load_config
 from trainer.models.llama import flops_per_token, num_params
+from trainer.parallel.compile import eager_note
 from trainer.parallel_dims import device_type
 from trainer.torch_private import init_fake_process_group
 
@@ -48,7 +49,7 @@ def _fmt_config(cfg: JobConfig) -> str:
 
 def activation_bytes(args, tokens: int, bytes_per_el: int, tp: int = 1, loss_parallel: bool = False,
                      n_layers: int | None = None, logits: bool = True, ac_mode: str = "none",
-                     selective_ac_option: str = "2") -> int:
+                     selective_ac_option: str = "2", memory_budget: float = 1.0) -> int:
     """Rough bytes of activations saved for backward on one rank.
 
     Per layer and token a block keeps: norm inputs/outputs and attention in/out (~7 x dim), k/v (2 x kv dim), the
@@ -56,8 +57,13 @@ def activation_bytes(args, tokens: int, bytes_per_el: int, tp: int = 1, loss_par
     norm outputs the column-wise layers keep. A checkpointed block keeps only its input, and in backward one block
     at a time is recomputed in full; "op" keeps the matmul and attention outputs. Plus the logits in the compute
     dtype and their fp32 copy for the loss (split over tp under loss parallel). A pipeline rank passes the layers
-    it holds, and logits=False unless it holds the output.
+    it holds, and logits=False unless it holds the output. memory_budget B keeps B of what the blocks keep
+    without checkpointing and 1 - B of what they keep fully checkpointed: torch's definition of the budget.
     """
+    if ac_mode == "memory_budget":
+        common = (args, tokens, bytes_per_el, tp, loss_parallel, n_layers, logits)
+        return int(memory_budget * activation_bytes(*common, ac_mode="none")
+                   + (1 - memory_budget) * activation_bytes(*common, ac_mode="full"))
     kv_dim = (args.n_kv_heads or args.n_heads) * args.head_dim
     gathered = 2 * args.dim if tp > 1 else 0
     full = gathered + (7 * args.dim - gathered + 2 * kv_dim + 4 * args.ffn_hidden_dim) / tp
@@ -107,7 +113,7 @@ def dry_run(cfg: JobConfig, world_size: int, require_assets: bool = False, targe
     act = activation_bytes(args, tokens, act_bytes, dims.tp, dims.loss_parallel_enabled,
                            n_layers=sum(len(part.layers) for part in parts),
                            logits=any(part.output is not None for part in parts), ac_mode=ac.mode,
-                           selective_ac_option=ac.selective_ac_option)
+                           selective_ac_option=ac.selective_ac_option, memory_budget=ac.memory_budget)
     dtype_name = str(plan.param_dtype).removeprefix("torch.")
     dtype_why = (f"mixed_precision_param = auto on {target}" if cfg.training.mixed_precision_param == "auto"
                  else f"mixed_precision_param = {cfg.training.mixed_precision_param}")
@@ -119,6 +125,7 @@ def dry_run(cfg: JobConfig, world_size: int, require_assets: bool = False, targe
         f"model: {cfg.model.name} {cfg.model.flavor}, {total / 1e9:.2f}B parameters ({total:,}); "
         f"{flops_per_token(args, cfg.training.seq_len) / 1e9:.2f} GFLOPs per token at seq_len {cfg.training.seq_len}",
         f"{attention_summary(args, target)}",
+        *([note] if (note := eager_note(cfg, target, dims.tp)) else []),
         f"device: {target}; compute dtype {dtype_name} ({dtype_why}; --device cpu or cuda plans for the other)",
         f"memory per rank (rank 0, estimate): parameters {state_bytes['parameters'] / GiB:.2f} GiB ({local:,} local "
         f"elements) in {str(plan.dtype).removeprefix('torch.')}, gradients {state_bytes['gradients'] / GiB:.2f} GiB"

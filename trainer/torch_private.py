@@ -47,6 +47,33 @@ def enable_async_tensor_parallel() -> None:
     torch._inductor.config._micro_pipeline_tp = True
 
 
+def set_activation_memory_budget(budget: float, pareto_dir: str | None = None) -> None:
+    """The share of activations the compiler's partitioner may keep for backward in every graph compiled from now
+    on: 1.0 (torch's default) optimizes for runtime, 0.0 recomputes as much as checkpointing the whole compiled
+    region would (private torch._functorch.config in 2.13, as torchtitan sets it). With `pareto_dir`, each graph
+    also draws its runtime-against-memory curve there as an SVG (needs matplotlib)."""
+    import torch._functorch.config
+
+    torch._functorch.config.activation_memory_budget = budget
+    # Below 1.0 the partitioner sizes every graph input, and refuses the opaque objects it cannot measure; the only
+    # such inputs of our graphs are the process groups of tensor parallel's collectives (in the compiled attention
+    # and feed_forward), which hold no activations: size zero is exact for them.
+    torch._functorch.config.unsafe_treat_script_objects_as_zero_size = budget < 1.0
+    torch._functorch.config.visualize_memory_budget_pareto = pareto_dir is not None
+    torch._functorch.config.memory_budget_pareto_dir = pareto_dir
+
+
+def set_autograd_cache(enabled: bool) -> None:
+    """Whether torch.compile may reuse compiled forward/backward graphs from its on-disk AOTAutograd cache for every
+    graph compiled from now on (private torch._functorch.config in 2.13; torch's default is on). In 2.13 a cached
+    graph over DTensors can come back wrong. Measured on CPU at tp=2: the loss under loss parallel, read back from
+    the same config's cache, turned the first loss from 8.00 into 3.40 (cold: equal to eager within 1e-7); and
+    attention and MLP graphs read from a cache that other layouts had filled gave gradients off by up to 116%."""
+    import torch._functorch.config
+
+    torch._functorch.config.enable_autograd_cache = enabled
+
+
 def abort_process_groups() -> None:
     """Abort every process group at once, without waiting for collectives still in flight (private
     `_abort_process_group` in 2.13; destroy_process_group waits on them, on NCCL up to its 10-minute watchdog)."""

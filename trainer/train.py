@@ -24,7 +24,7 @@ from trainer.metrics import MetricsLogger, peak_flops
 from trainer.models.llama import flops_per_token, num_params
 from trainer.optim import build_lr_scheduler, build_optimizer, clip_grad_norm_
 from trainer.optim_in_backward import OptimizerInBackward
-from trainer.parallel.compile import maybe_compile_loss
+from trainer.parallel.compile import compile_summary, eager_note, maybe_compile_loss
 from trainer.parallel_dims import device_type
 from trainer.profiling import maybe_profile
 from trainer.torch_private import shutdown_loader_workers, warn_tensor_cycles
@@ -47,11 +47,11 @@ def enable_tf32(device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
-def feature_summary(cfg: JobConfig) -> str:
+def feature_summary(cfg: JobConfig, device_type: str, tp: int) -> str:
     """Activation checkpointing, compile and model converter settings for the start-up line."""
-    ac, c = cfg.activation_checkpoint, cfg.compile
+    ac = cfg.activation_checkpoint
     ac_text = f"selective {ac.selective_ac_option}" if ac.mode == "selective" else ac.mode
-    compile_text = f"{'+'.join(c.components)} ({c.backend})" if c.enable and c.components else "off"
+    compile_text = compile_summary(cfg, device_type, tp)
     converters = f" | converters {', '.join(cfg.model.converters)}" if cfg.model.converters else ""
     levers = [text for on, text in ((cfg.training.enable_cpu_offload, "CPU offload"),
                                     (cfg.training.dtype != "float32", f"full {cfg.training.dtype} (no fp32 master)"),
@@ -137,7 +137,10 @@ class Trainer:
                               if cfg.validation.enable else None)
         self._log(f"model {cfg.model.name} {cfg.model.flavor}: {num_params(plan.model_args):,} parameters | "
                   f"{self.dims} | accumulation {plan.accum_steps} | {self.device} {plan.param_dtype} | "
-                  f"{feature_summary(cfg)} | {attention_summary(plan.model_args, self.device.type)}")
+                  f"{feature_summary(cfg, self.device.type, self.dims.tp)} | "
+                  f"{attention_summary(plan.model_args, self.device.type)}")
+        if note := eager_note(cfg, self.device.type, self.dims.tp):
+            self._log(note)
         if plan.pp_plan is not None:
             self._log(plan.pp_plan.describe())
         if (note := bf16_speed_note(plan)) is not None:

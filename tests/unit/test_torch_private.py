@@ -174,3 +174,37 @@ def test_fsdp_offload_policy_internals():
                                                                     "fsdp_offload_policies"
     assert "_fsdp_param_groups" in inspect.getsource(FSDPState.__init__), "FSDPState._fsdp_param_groups is gone"
     assert "self.offload_policy" in inspect.getsource(FSDPParamGroup.__init__), "FSDPParamGroup.offload_policy is gone"
+
+
+def test_activation_memory_budget_config():
+    import torch._functorch.config as functorch_config
+
+    from trainer.torch_private import set_activation_memory_budget
+
+    for name in ("activation_memory_budget", "visualize_memory_budget_pareto", "memory_budget_pareto_dir",
+                 "unsafe_treat_script_objects_as_zero_size"):
+        assert hasattr(functorch_config, name), f"torch._functorch.config lost {name}: update " \
+                                                "set_activation_memory_budget"
+    try:
+        set_activation_memory_budget(0.25, "/tmp/pareto")
+        assert functorch_config.activation_memory_budget == 0.25
+        assert functorch_config.visualize_memory_budget_pareto
+        assert functorch_config.memory_budget_pareto_dir == "/tmp/pareto"
+    finally:
+        set_activation_memory_budget(1.0)
+    assert functorch_config.activation_memory_budget == 1.0 and not functorch_config.visualize_memory_budget_pareto
+
+
+def test_autograd_cache_switch():
+    import torch._functorch.config as functorch_config
+
+    from trainer.torch_private import set_autograd_cache
+
+    assert hasattr(functorch_config, "enable_autograd_cache"), "torch._functorch.config lost enable_autograd_cache: " \
+                                                                 "update set_autograd_cache"
+    before = functorch_config.enable_autograd_cache
+    try:
+        set_autograd_cache(False)
+        assert functorch_config.enable_autograd_cache is False
+    finally:
+        functorch_config.enable_autograd_cache = before

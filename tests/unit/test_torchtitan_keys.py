@@ -141,8 +141,7 @@ def test_refused_outside_accepted_values_in_one_line(key):
 
 def test_refusals_cover_the_unimplemented_keys():
     with_values = {k for k, s in TORCHTITAN_KEYS.items() if s.accepted}
-    # activation_checkpoint.early_stop accepts both booleans: nothing to refuse.
-    assert with_values - set(REFUSABLE) == {"activation_checkpoint.early_stop"}
+    assert with_values == set(REFUSABLE)
     assert "llama3 has no experts" in TORCHTITAN_KEYS["parallelism.expert_parallel_degree"].why
 
 
@@ -198,9 +197,30 @@ def test_tokenizer_path_is_hf_assets_path():
         load_config(["--model.tokenizer_path", "/x/tok", "--model.hf_assets_path", "/y"])
 
 
-def test_memory_budget_mode_is_refused_by_name():
-    with pytest.raises(ConfigError, match="activation_checkpoint.mode = 'memory_budget': not implemented yet"):
-        load_config(["--activation_checkpoint.mode", "memory_budget"])
+@pytest.mark.parametrize("args,expected", [
+    (["--activation_checkpoint.mode", "memory_budget"],
+     "activation_checkpoint.mode = 'memory_budget' needs the model compiled"),
+    (["--activation_checkpoint.mode", "memory_budget", "--compile.enable", "true", "--compile.components", "loss"],
+     "activation_checkpoint.mode = 'memory_budget' needs the model compiled"),
+    (["--activation_checkpoint.memory_budget", "1.5"], "activation_checkpoint.memory_budget = 1.5 must be in [0, 1]"),
+    (["--activation_checkpoint.determinism_check", "strict"],
+     "activation_checkpoint.determinism_check = 'strict' is not one of default, none"),
+    (["--activation_checkpoint.mode", "full", "--activation_checkpoint.debug", "true", "--compile.enable", "true"],
+     "activation_checkpoint.debug = true works only for eager checkpoints"),
+    (["--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_ac_option", "op",
+      "--activation_checkpoint.debug", "true"], "activation_checkpoint.debug = true works only for eager checkpoints"),
+])
+def test_activation_checkpoint_refusals(args, expected):
+    with pytest.raises(ConfigError, match=re.escape(expected)) as e:
+        load_config(args)
+    assert "\n" not in str(e.value)
+
+
+def test_memory_budget_and_debug_accepted_where_they_run():
+    cfg = load_config(["--activation_checkpoint.mode", "memory_budget", "--activation_checkpoint.memory_budget", "0",
+                       "--compile.enable", "true"])
+    assert cfg.activation_checkpoint.memory_budget == 0
+    assert load_config(["--activation_checkpoint.mode", "full", "--activation_checkpoint.debug", "true"])
 
 
 def test_converter_keys_are_implemented_or_refused_where_they_run():

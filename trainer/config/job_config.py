@@ -296,9 +296,9 @@ class Checkpoint:
 class ActivationCheckpoint:
     mode: str = "none"
     """Recompute activations in backward instead of keeping them: none, full (every transformer block keeps only
-    its input) or selective (see selective_ac_option). torchtitan defaults to selective; we default to none, the
-    fastest setting, and the loss is the same either way. torchtitan's memory_budget mode (the compiler picks what
-    to recompute) is not implemented yet."""
+    its input), selective (see selective_ac_option) or memory_budget (the compiler picks what to recompute within
+    memory_budget; needs compile.enable with "model"). torchtitan defaults to selective; we default to none, the
+    fastest setting, and the loss is the same either way."""
     selective_ac_option: str = "2"
     """With mode = selective: an integer N checkpoints every N-th block (blocks N-1, 2N-1, ... counted by layer id);
     "op" keeps the outputs of every matmul and attention and recomputes the rest (norms, RoPE, SwiGLU gating)."""
@@ -307,7 +307,8 @@ class ActivationCheckpoint:
     matmul of such a shape is recomputed, whichever module it belongs to. The default names an MoE router, which
     llama3 does not have."""
     early_stop: bool = False
-    """In backward, end a block's recomputation as soon as every tensor backward needs from it is back."""
+    """In backward, end a block's recomputation as soon as every tensor backward needs from it is back (full and
+    selective; false reruns the whole block, as torchtitan's default does)."""
     memory_budget: float = 0.5
     """With mode = memory_budget: the share of activation memory the compiler's partitioner may keep, from 0.0 (as
     little as full checkpointing) to 1.0 (as much as no checkpointing); it recomputes to fit."""
@@ -316,12 +317,13 @@ class ActivationCheckpoint:
     {dump_folder}/memory_budget_pareto."""
     preserve_rng_state: bool = True
     """Save the RNG state before a checkpointed forward and restore it for the recomputation, so random ops repeat
-    exactly."""
+    exactly (full and selective; the model has no random op, so false only saves the stashing)."""
     determinism_check: str = "default"
     """How torch.utils.checkpoint checks that recomputed tensors match the first forward's: default (shape, dtype
-    and device) or none."""
+    and device) or none (full and selective)."""
     debug: bool = False
-    """Record the ops each recomputation runs, to debug a checkpointing mismatch (slow)."""
+    """Record the ops each recomputation runs, to debug a checkpointing mismatch (slow). Full and selective "N"
+    without compile only: torch refuses it together with a per-op policy or compile."""
 
 
 @dataclass

@@ -25,7 +25,7 @@ else:  # pragma: no cover
 import tomli_w
 
 from trainer.config.job_config import JobConfig
-from trainer.config.torchtitan_keys import NOT_YET, TORCHTITAN_KEYS
+from trainer.config.torchtitan_keys import TORCHTITAN_KEYS
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -449,9 +449,18 @@ def validate(cfg: JobConfig) -> None:
            "validation.steps = -1 evaluates the whole split, but the synthetic dataset is endless; set "
            "validation.steps to a number of batches")
     ac, prof = cfg.activation_checkpoint, cfg.profiling
-    _check(ac.mode != "memory_budget", f"activation_checkpoint.mode = 'memory_budget': {NOT_YET}; use "
-                                       f"full or selective")
-    _one_of("activation_checkpoint.mode", ac.mode, ("none", "full", "selective"))
+    _one_of("activation_checkpoint.mode", ac.mode, ("none", "full", "selective", "memory_budget"))
+    compiled_model = cfg.compile.enable and "model" in cfg.compile.components
+    _check(ac.mode != "memory_budget" or compiled_model,
+           "activation_checkpoint.mode = 'memory_budget' needs the model compiled (the compiler's partitioner does "
+           "the recomputing); set compile.enable = true with \"model\" in compile.components, or use full or selective")
+    _check(0 <= ac.memory_budget <= 1, f"activation_checkpoint.memory_budget = {ac.memory_budget} must be in [0, 1]")
+    _one_of("activation_checkpoint.determinism_check", ac.determinism_check, ("default", "none"))
+    # torch.utils.checkpoint's debug mode refuses any context_fn: a selective policy's, and the one compile adds.
+    _check(not ac.debug or not (compiled_model or (ac.mode == "selective" and ac.selective_ac_option == "op")),
+           "activation_checkpoint.debug = true works only for eager checkpoints without a per-op policy (torch "
+           "refuses debug with a context_fn); set compile.enable = false and use full or selective \"N\", or "
+           "debug = false")
     _check(ac.selective_ac_option == "op" or (ac.selective_ac_option.isdigit() and int(ac.selective_ac_option) >= 1),
            f"activation_checkpoint.selective_ac_option = {ac.selective_ac_option!r} must be \"op\" or a positive "
            f"integer N (checkpoint every N-th block), e.g. \"2\"")

@@ -99,15 +99,8 @@ TORCHTITAN_KEYS: dict[str, KeyStatus] = {
     "checkpoint.load_only": _IMPLEMENTED,
     **_implemented("activation_checkpoint", "mode", "selective_ac_option"),
     "activation_checkpoint.per_op_sac_force_recompute_mm_shapes_by_fqns": _planned(["moe.router.gate"]),
-    "activation_checkpoint.early_stop": _planned(False, True, why="not read yet: recomputation here always stops early "
-                                                 "(torch's default), which changes memory, not numbers"),
-    "activation_checkpoint.memory_budget": _read_only_by("planned", "activation_checkpoint.mode = \"memory_budget\", "
-                                                         + NOT_YET),
-    "activation_checkpoint.visualize_memory_budget_pareto": _read_only_by(
-        "planned", "activation_checkpoint.mode = \"memory_budget\", " + NOT_YET),
-    "activation_checkpoint.preserve_rng_state": _planned(True),
-    "activation_checkpoint.determinism_check": _planned("default"),
-    "activation_checkpoint.debug": _planned(False),
+    **_implemented("activation_checkpoint", "early_stop", "memory_budget", "visualize_memory_budget_pareto",
+                   "preserve_rng_state", "determinism_check", "debug"),
     **_implemented("compile", "enable", "components", "backend"),
     **_implemented("quantize.linear.float8", "enable_fsdp_float8_all_gather",
                    "precompute_float8_dynamic_scale_for_fsdp", "recipe_name", "filter_fqns", "emulate"),

@@ -1,16 +1,19 @@
 """Parallelisms applied to the model from the outside, one file each, in a fixed order by `parallelize`."""
 
+import os
+
 import torch
 from torch import nn
 
 from trainer.config import JobConfig
 from trainer.converters import float8_tensorwise
 from trainer.parallel.activation_checkpoint import apply_activation_checkpointing
-from trainer.parallel.compile import apply_compile
+from trainer.parallel.compile import apply_compile, compiles_whole_blocks
 from trainer.parallel.context_parallel import apply_context_parallel
 from trainer.parallel.fsdp import apply_fsdp
 from trainer.parallel.tensor_parallel import apply_tensor_parallel
 from trainer.parallel_dims import ParallelDims
+from trainer.torch_private import set_autograd_cache
 
 
 def parallelize(model: nn.Module, dims: ParallelDims, cfg: JobConfig, param_dtype: torch.dtype,
@@ -24,10 +27,13 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: JobConfig, param_dtyp
                               float8=float8_tensorwise(cfg) and device_type == "cuda")
     if dims.cp > 1:
         apply_context_parallel(device_type, p.context_parallel_load_balance, p.context_parallel_rotate_method)
-    ac = cfg.activation_checkpoint
-    apply_activation_checkpointing(model, ac.mode, ac.selective_ac_option)
+    apply_activation_checkpointing(model, cfg.activation_checkpoint,
+                                   pareto_dir=os.path.join(cfg.job.dump_folder, "memory_budget_pareto"))
+    if cfg.compile.enable:
+        # Process-wide, and set by every build: graphs over DTensors compile fresh (see set_autograd_cache).
+        set_autograd_cache(enabled=dims.tp == 1 and dims.cp == 1)
     if cfg.compile.enable and "model" in cfg.compile.components:
-        apply_compile(model, cfg.compile.backend)
+        apply_compile(model, cfg.compile.backend, compiles_whole_blocks(device_type, dims.tp))
     if dims.fsdp_enabled:
         apply_fsdp(model, dims.mesh("fsdp"), param_dtype=param_dtype,
                    reduce_dtype=getattr(torch, cfg.training.mixed_precision_reduce),

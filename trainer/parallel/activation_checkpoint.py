@@ -7,6 +7,14 @@ Modes (config [activation_checkpoint]):
                   only the cheap ones (norms, RoPE, SwiGLU gating, residual adds); torch's selective policy
                   `create_selective_checkpoint_contexts` decides op by op. (torchtitan also recomputes every
                   second matmul here; we keep them all, so "op" trades less memory for no extra matmul FLOPs.)
+  memory_budget   no block is wrapped: the compiler's partitioner, which splits each compiled graph into forward
+                  and backward, keeps at most `memory_budget` of the activations it would keep unconstrained
+                  (1.0) and recomputes the cheapest rest (0.0: as little as checkpointing the compiled region).
+                  Needs compile (validate() says so); where compile covers only part of a block (CPU with tensor
+                  parallel: see compile.py) the eager rest keeps all its activations.
+
+The wrapped modes pass activation_checkpoint.preserve_rng_state, determinism_check, early_stop and debug to
+torch.utils.checkpoint, as torchtitan does.
 
 How: a checkpointed block's class is swapped for a subclass whose forward runs the original one under
 torch.utils.checkpoint (non-reentrant), the same trick FSDP2's fully_shard uses. Unlike torch's
@@ -20,6 +28,9 @@ import functools
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
+
+from trainer.config.job_config import ActivationCheckpoint
+from trainer.torch_private import set_activation_memory_budget
 
 # Ops whose outputs "op" keeps: matmuls, every SDPA backend (the CPU one included, which also runs the boolean
 # block-causal mask), and the document-masking kernels of CUDA: FlexAttention and varlen attention.
@@ -48,12 +59,13 @@ class _CheckpointedForward:
     """Mixed in front of a block's own class: the block's forward runs under torch.utils.checkpoint."""
 
     _ac_context_fn = None  # None: keep only the inputs; else a selective policy's context functions
+    _ac_options: dict = {}  # torch.utils.checkpoint's preserve_rng_state, determinism_check, early_stop, debug
 
     def forward(self, *args, **kwargs):
         # Non-reentrant: works with kwargs, with FSDP2's hooks around the block and under torch.compile. Pass
         # context_fn only when selective: torch.compile (2.13) rejects an explicit noop_context_fn.
         selective = {} if self._ac_context_fn is None else {"context_fn": self._ac_context_fn}
-        return checkpoint(super().forward, *args, use_reentrant=False, **selective, **kwargs)
+        return checkpoint(super().forward, *args, use_reentrant=False, **selective, **self._ac_options, **kwargs)
 
 
 @functools.cache
@@ -61,27 +73,43 @@ def _checkpointed_class(cls: type) -> type:
     return type(f"Checkpointed{cls.__name__}", (_CheckpointedForward, cls), {})
 
 
-def checkpoint_module(module: nn.Module, context_fn=None) -> None:
-    """Make `module` checkpoint its forward, in place; `context_fn` as for torch.utils.checkpoint (selective)."""
+def checkpoint_module(module: nn.Module, context_fn=None, **options) -> None:
+    """Make `module` checkpoint its forward, in place; `context_fn` (selective) and `options` (preserve_rng_state,
+    determinism_check, early_stop, debug) as for torch.utils.checkpoint."""
     module.__class__ = _checkpointed_class(type(module))
     module._ac_context_fn = context_fn
+    module._ac_options = options
 
 
-def apply_activation_checkpointing(model: nn.Module, mode: str, selective_ac_option: str) -> None:
-    """Checkpoint the blocks of `model.layers` as `mode` (none | full | selective) and the option ("N" | "op") say.
+def checkpoint_options(ac: ActivationCheckpoint) -> dict:
+    """The [activation_checkpoint] keys torch.utils.checkpoint takes, as its keywords."""
+    return {"preserve_rng_state": ac.preserve_rng_state, "determinism_check": ac.determinism_check,
+            "early_stop": ac.early_stop, "debug": ac.debug}
+
+
+def apply_activation_checkpointing(model: nn.Module, ac: ActivationCheckpoint, pareto_dir: str | None = None) -> None:
+    """Checkpoint the blocks of `model.layers` as `ac.mode` (none | full | selective | memory_budget) and
+    `ac.selective_ac_option` ("N" | "op") say. With memory_budget, set the compiler's budget instead (and with
+    visualize_memory_budget_pareto, draw each compiled graph's trade-off as an SVG in `pareto_dir`).
 
     "Every N-th block" counts by layer id, not by position on this rank, so a pipeline stage checkpoints the
     same blocks it would in an unsplit model.
     """
-    if mode == "none":
+    # The budget is process-wide: every build sets it (1.0, torch's default, when the mode is another), so a run
+    # never inherits the budget of an earlier one in the same process (the tests' worker pools run many).
+    budget = ac.mode == "memory_budget"
+    set_activation_memory_budget(ac.memory_budget if budget else 1.0,
+                                 pareto_dir if budget and ac.visualize_memory_budget_pareto else None)
+    if ac.mode in ("none", "memory_budget"):
         return
+    options = checkpoint_options(ac)
     for layer_id, block in model.layers.items():
-        if mode == "full":
-            checkpoint_module(block)
-        elif selective_ac_option == "op":
-            checkpoint_module(block, save_matmuls_and_attention)
-        elif (int(layer_id) + 1) % int(selective_ac_option) == 0:
-            checkpoint_module(block)
+        if ac.mode == "full":
+            checkpoint_module(block, **options)
+        elif ac.selective_ac_option == "op":
+            checkpoint_module(block, save_matmuls_and_attention, **options)
+        elif (int(layer_id) + 1) % int(ac.selective_ac_option) == 0:
+            checkpoint_module(block, **options)
 
 
 def is_checkpointed(module: nn.Module) -> bool:
