@@ -11,6 +11,8 @@ import torch
 
 from types import SimpleNamespace
 
+from torchdata.stateful_dataloader import StatefulDataLoader
+
 from trainer.data.dataloader import build_dataloader, resume_position
 from trainer.data.datasets import C4_TEST_PATH, build_dataset
 from trainer.data.prepare import prepare
@@ -280,3 +282,35 @@ def test_missing_path_is_named(name, tokenizer, tmp_path):
     missing = tmp_path / "nowhere"
     with pytest.raises(FileNotFoundError, match=str(missing)):
         loader(name, tokenizer, path=str(missing))
+
+
+# --- a streaming source split per rank (c4 from the hub; here the same code on a local file, streamed) -------------
+
+def streamed(split: str = "validation"):
+    import datasets
+    return datasets.load_dataset("json", data_files=str(C4_TEST_PATH / f"{split}.jsonl"), split="train",
+                                 streaming=True).select_columns(["text"])
+
+
+def test_streaming_ranks_read_disjoint_documents_and_resume_from_the_source_state(tokenizer):
+    from trainer.data.datasets import RankStreamDataset
+    texts = read_jsonl(C4_TEST_PATH / "validation.jsonl")
+    for rank in range(2):  # one file: rank r reads documents r, r + 2, ... (datasets' split_dataset_by_node)
+        ds = RankStreamDataset(streamed(), tokenizer, SEQ_LEN, rank, 2, infinite=False)
+        assert [torch.cat([x, y[-1:]]).tolist() for x, y in ds] == windows_by_hand(tokenizer, texts[rank::2])
+
+    def rank1():
+        return StatefulDataLoader(RankStreamDataset(streamed(), tokenizer, SEQ_LEN, 1, 2), batch_size=16)
+    # rank 1's half of the split is ~950 windows: batch 60 is in the second epoch, after the resume at 50
+    uninterrupted = take(rank1(), 64)
+    first = rank1()
+    it = iter(first)
+    for _ in range(50):
+        next(it)
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)
+    resumed = rank1()
+    resumed.load_state_dict(torch.load(io.BytesIO(buffer.getvalue()), weights_only=False))
+    assert all(torch.equal(a, b) for a, b in zip(uninterrupted[50:], take(resumed, 14), strict=True))
+    with pytest.raises(ValueError, match="resumes only at the dp degree"):
+        resume_position([first.state_dict(), first.state_dict()], 0, 1)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import datasets
 import torch
+from datasets.distributed import split_dataset_by_node
 
 from trainer.data.prepared import PreparedDataset
 from trainer.data.tokenizer import Tokenizer
@@ -138,6 +139,52 @@ class PackedDataset(WindowStream):
         self._tokens, self._offset = list(state["tokens"]), 0
 
 
+class RankStreamDataset(PackedDataset):
+    """A streaming source (C4 from the hub) split between the dp ranks by `datasets.distributed.split_dataset_by_node`
+    (by files when the dp degree divides their number, else every dp-th document): a rank reads and tokenizes only
+    its part, and resumes from the source's own `state_dict` instead of re-reading the stream from its start. In a
+    loader with workers, `datasets` splits the rank's files between them in turn.
+
+    The price of scale: a rank's windows come from its own documents, so the global batch of a step depends on the
+    dp degree (layouts of different dp do not see the same data) and a saved position cannot be resharded."""
+
+    def __init__(self, docs: datasets.IterableDataset, tokenizer: Tokenizer, seq_len: int, dp_rank: int,
+                 dp_degree: int, seed: int = 0, infinite: bool = True, batch_size: int = 1):
+        super().__init__(split_dataset_by_node(docs, rank=dp_rank, world_size=dp_degree), tokenizer, seq_len,
+                         dp_rank, dp_degree, seed, infinite, batch_size)
+        self._start = self.docs.state_dict()
+
+    def _rewind(self) -> None:
+        super()._rewind()
+        self._docs_state = None
+
+    def _is_mine(self) -> bool:
+        self._windows_seen += 1
+        return True  # every window of the rank's (and worker's) own documents
+
+    def _document_batches(self) -> Iterator[list[str]]:
+        while True:
+            self.docs.load_state_dict(self._docs_state or self._start)
+            for batch in self.docs.iter(batch_size=DOCS_PER_BATCH):
+                # Taken as the batch is handed over: __iter__ adds its tokens to the buffer before it yields again.
+                self._docs_state = self.docs.state_dict()
+                yield batch["text"]
+            if not self.infinite:
+                return
+            self._epoch, self._docs_state = self._epoch + 1, None
+
+    def state_dict(self) -> dict:
+        """The source's own position, the token buffer left and the windows seen."""
+        return {**WindowStream.state_dict(self), "epoch": self._epoch, "docs_state": self._docs_state,
+                "tokens": self._tokens[self._offset:]}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume at a position saved by `state_dict` (same dp degree and rank only)."""
+        WindowStream.load_state_dict(self, state)
+        self._epoch, self._docs_state = state["epoch"], state["docs_state"]
+        self._tokens, self._offset = list(state["tokens"]), 0
+
+
 class SyntheticDataset(WindowStream):
     """Endless uniform random token ids; window i comes from its own seed, so any rank jumps straight to its own."""
 
@@ -175,4 +222,6 @@ def build_dataset(name: str, dataset_path: str | None, tokenizer: Tokenizer | No
     docs = load_documents(name, dataset_path, split)
     if tokenizer is None:
         raise ValueError(f"dataset {name!r} needs a tokenizer")
+    if name == "c4" and dataset_path is None:  # streamed from the hub: each rank reads only its part
+        return RankStreamDataset(docs, tokenizer, seq_len, dp_rank, dp_degree, seed, infinite, batch_size)
     return PackedDataset(docs, tokenizer, seq_len, dp_rank, dp_degree, seed, infinite, batch_size)
