@@ -16,6 +16,7 @@ global windows passed (WindowStream's state), so a resume at any step, at any dp
 """
 
 import json
+import mmap
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -85,14 +86,18 @@ class PreparedDataset(WindowStream):
         if not self.infinite:
             return place
         if self._order is None or self._order[0] != epoch:
-            rng = np.random.default_rng([self.seed, epoch])
-            self._order = epoch, rng.permutation(self.num_windows).astype(np.int64)
+            self._order = None  # the old order's memory goes before the new one is made
+            order = np.arange(self.num_windows, dtype=np.uint32 if self.num_windows < 1 << 32 else np.uint64)
+            np.random.default_rng([self.seed, epoch]).shuffle(order)
+            self._order = epoch, order
         return int(self._order[1][place])
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self._find_worker()
         if self._tokens is None:
             self._tokens = np.memmap(self.path, dtype=self.dtype, mode="r")
+            # Windows are read in random order: no read-ahead, so a rank's memory holds the pages it reads only.
+            self._tokens._mmap.madvise(mmap.MADV_RANDOM)
         window_len = self.seq_len + 1
         while True:
             index = self._next_mine(self._windows_seen)
