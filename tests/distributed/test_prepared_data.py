@@ -34,7 +34,8 @@ RESUMES = {"dp_shard=2 -> dp_shard=2": ("dp_shard=2", "dp_shard=2", 0.0),
            "dp_shard=2 with 2 loader workers -> 1 process": ("dp_shard=2", "1 process", 1e-5)}
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if "workers" in n else n for n in RESUMES])
+# The reshard is the representative (`-m "not slow"`); the same layout is what test_checkpoint.py shows on text.
+@pytest.mark.parametrize("name", [n if "reshard" in n else pytest.param(n, marks=pytest.mark.slow) for n in RESUMES])
 def test_resume_on_prepared_data_continues_like_a_straight_run(name, pool, runs, tokens, tmp_path):
     first_layout, resumed_layout, rtol = RESUMES[name]
     workers = {"training.dataloader.num_workers": 2} if "workers" in name else {}
