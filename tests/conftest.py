@@ -1,6 +1,8 @@
 """Fixtures of the multi-process tests (tests/distributed, tests/faults): the worker pool, and every training run
 cached by what it ran."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -47,3 +49,14 @@ class Runs:
 @pytest.fixture(scope="session")
 def runs(pool, tmp_path_factory):
     return Runs(pool, tmp_path_factory.mktemp("runs"))
+
+
+@pytest.fixture(scope="session")
+def prepared_c4_test(tmp_path_factory):
+    """tests/assets/c4_test prepared with the test tokenizer (scripts/prepare_data.py): training.dataset = "tokens"
+    reads it."""
+    from trainer.data.prepare import prepare
+
+    folder = tmp_path_factory.mktemp("prepared") / "c4_test"
+    prepare("c4_test", None, Path(__file__).parent / "assets/tokenizer", folder, num_proc=1, log=lambda _: None)
+    return folder

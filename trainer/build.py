@@ -21,6 +21,7 @@ from torch.distributed.tensor import DTensor
 from trainer.config import ConfigError, JobConfig
 from trainer.converters import check_converters, check_hardware, convert, post_optimizer_hook
 from trainer.data.datasets import DATASET_NAMES
+from trainer.data.prepared import check_tokenizer, read_manifest
 from trainer.data.tokenizer import Tokenizer
 from trainer.models.attention import document_ids
 from trainer.models.llama import ModelArgs, Transformer, get_model_args
@@ -213,7 +214,26 @@ def load_tokenizer(plan: RunPlan) -> Tokenizer | None:
     if tokenizer.vocab_size > plan.model_args.vocab_size:
         raise ConfigError(f"model.hf_assets_path: the tokenizer has {tokenizer.vocab_size} tokens but {cfg.model.name} "
                           f"{cfg.model.flavor} embeds only {plan.model_args.vocab_size}; use the model's own tokenizer")
+    check_prepared_data(cfg, tokenizer)
     return tokenizer
+
+
+def check_prepared_data(cfg: JobConfig, tokenizer: Tokenizer) -> None:
+    """A prepared dataset (training or validation dataset "tokens") has a manifest and was made with `tokenizer`;
+    ConfigError naming the folder if not."""
+    v = validation_data(cfg)
+    v_key = "validation.dataset_path" if cfg.validation.dataset_path is not None else "training.dataset_path"
+    for key, name, path in (("training.dataset_path", cfg.training.dataset, cfg.training.dataset_path),
+                            (v_key, v.dataset if cfg.validation.enable else None, v.dataset_path)):
+        if name != "tokens":
+            continue
+        if path is None:
+            raise ConfigError(f"{key} is unset: dataset 'tokens' reads a folder made by scripts/prepare_data.py; "
+                              f"set {key} to it")
+        try:
+            check_tokenizer(read_manifest(Path(path)), tokenizer, Path(path))
+        except ValueError as e:
+            raise ConfigError(f"{key} = {path!r}: {e}") from None
 
 
 class ModelParts:

@@ -11,8 +11,11 @@ import torch
 
 from types import SimpleNamespace
 
+from torchdata.stateful_dataloader import StatefulDataLoader
+
 from trainer.data.dataloader import build_dataloader, resume_position
 from trainer.data.datasets import C4_TEST_PATH, build_dataset
+from trainer.data.prepare import prepare
 from trainer.data.tokenizer import Tokenizer
 
 TOKENIZER_PATH = Path(__file__).resolve().parents[1] / "assets/tokenizer"
@@ -23,6 +26,20 @@ SEQ_LEN = 32
 @pytest.fixture(scope="module")
 def tokenizer() -> Tokenizer:
     return Tokenizer.from_path(TOKENIZER_PATH)
+
+
+@pytest.fixture(scope="module")
+def prepared_tiny(tmp_path_factory) -> Path:
+    """tiny_corpus prepared ("tokens"): 3 windows of SEQ_LEN + 1, so a few batches cross several epochs."""
+    folder = tmp_path_factory.mktemp("tiny")
+    prepare("jsonl", str(tiny_corpus(folder / "tiny.jsonl")), TOKENIZER_PATH, folder / "prepared", num_proc=1,
+            log=lambda _: None)
+    return folder / "prepared"
+
+
+def source(name: str, tmp_path: Path, prepared: Path) -> Path | None:
+    """dataset_path of `name` in the tests that read a few documents over many epochs."""
+    return {"jsonl": tiny_corpus(tmp_path / "tiny.jsonl"), "tokens": prepared}.get(name)
 
 
 def loader(name="c4_test", tokenizer=None, path=None, batch=2, dp_rank=0, dp_degree=1, **kwargs):
@@ -89,9 +106,10 @@ def test_validation_split_is_packed_documents_and_stops(tokenizer):
     assert len(batches) == len(expected) // 4
 
 
-@pytest.mark.parametrize("name", ["c4_test", "synthetic"])
-def test_batches_are_int64_and_labels_are_shifted_inputs(name, tokenizer):
-    for inputs, labels in take(loader(name, tokenizer, batch=3), 5):
+@pytest.mark.parametrize("name", ["c4_test", "synthetic", "tokens"])
+def test_batches_are_int64_and_labels_are_shifted_inputs(name, tokenizer, prepared_c4_test):
+    path = prepared_c4_test if name == "tokens" else None
+    for inputs, labels in take(loader(name, tokenizer, path=path, batch=3), 5):
         assert inputs.shape == labels.shape == (3, SEQ_LEN) and inputs.dtype == torch.int64
         assert torch.equal(inputs[:, 1:], labels[:, :-1])
         assert 0 <= int(inputs.min()) and int(inputs.max()) < 2048
@@ -99,10 +117,11 @@ def test_batches_are_int64_and_labels_are_shifted_inputs(name, tokenizer):
 
 # --- sharding ----------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["c4_test", "synthetic"])
-def test_dp_ranks_interleave_to_the_single_process_stream(name, tokenizer):
-    single = take(loader(name, tokenizer, batch=4), 6)
-    ranks = [take(loader(name, tokenizer, batch=2, dp_rank=r, dp_degree=2), 6) for r in range(2)]
+@pytest.mark.parametrize("name", ["c4_test", "synthetic", "tokens"])
+def test_dp_ranks_interleave_to_the_single_process_stream(name, tokenizer, prepared_c4_test):
+    path = prepared_c4_test if name == "tokens" else None
+    single = take(loader(name, tokenizer, path=path, batch=4), 6)
+    ranks = [take(loader(name, tokenizer, path=path, batch=2, dp_rank=r, dp_degree=2), 6) for r in range(2)]
     for step, batch in enumerate(single):
         # Window i is rank i % 2's, so the global batch of a step is the same for dp=1 and dp=2.
         assert torch.equal(batch[:, 0::2], ranks[0][step]) and torch.equal(batch[:, 1::2], ranks[1][step])
@@ -116,10 +135,10 @@ def tiny_corpus(path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("name", ["c4_test", "synthetic", "jsonl"])
+@pytest.mark.parametrize("name", ["c4_test", "synthetic", "jsonl", "tokens"])
 @pytest.mark.parametrize("dp_rank, dp_degree", [(0, 1), (1, 2)])
-def test_resume_yields_exactly_the_batches_that_follow(name, dp_rank, dp_degree, tokenizer, tmp_path):
-    path = tiny_corpus(tmp_path / "tiny.jsonl") if name == "jsonl" else None
+def test_resume_yields_exactly_the_batches_that_follow(name, dp_rank, dp_degree, tokenizer, tmp_path, prepared_tiny):
+    path = source(name, tmp_path, prepared_tiny)
     kwargs = dict(name=name, tokenizer=tokenizer, path=path, batch=2, dp_rank=dp_rank, dp_degree=dp_degree, seed=3)
     uninterrupted = take(loader(**kwargs), 12)
 
@@ -150,10 +169,11 @@ def test_state_of_another_dp_degree_is_refused(tokenizer):
         next(iter(restored))  # StatefulDataLoader applies a loaded state when the next iteration starts
 
 
-@pytest.mark.parametrize("name", ["c4_test", "synthetic", "jsonl"])
+@pytest.mark.parametrize("name", ["c4_test", "synthetic", "jsonl", "tokens"])
 @pytest.mark.parametrize("saved_degree, new_degree", [(4, 2), (2, 4), (2, 1)])
-def test_data_position_reshards_to_another_dp_degree(name, saved_degree, new_degree, tokenizer, tmp_path):
-    path = tiny_corpus(tmp_path / "tiny.jsonl") if name == "jsonl" else None
+def test_data_position_reshards_to_another_dp_degree(name, saved_degree, new_degree, tokenizer, tmp_path,
+                                                     prepared_tiny):
+    path = source(name, tmp_path, prepared_tiny)
     kwargs = dict(name=name, tokenizer=tokenizer, path=path, batch=1, seed=3)
     stream = take(loader(**kwargs), 12 + 4 * new_degree)  # one process: window i is the i-th of the global stream
     saved = []
@@ -185,16 +205,18 @@ def workers(n: int) -> SimpleNamespace:
     return SimpleNamespace(num_workers=n, persistent_workers=False, pin_memory=False, prefetch_factor=None)
 
 
-@pytest.mark.parametrize("name", ["c4_test", "synthetic"])
-def test_workers_hand_out_the_batches_of_one_process(name, tokenizer):
+@pytest.mark.parametrize("name", ["c4_test", "synthetic", "tokens"])
+def test_workers_hand_out_the_batches_of_one_process(name, tokenizer, prepared_tiny):
     for dp_rank in range(2):
-        kwargs = dict(name=name, tokenizer=tokenizer, batch=2, dp_rank=dp_rank, dp_degree=2, seed=3)
+        kwargs = dict(name=name, tokenizer=tokenizer, path=prepared_tiny if name == "tokens" else None, batch=2,
+                      dp_rank=dp_rank, dp_degree=2, seed=3)
         plain, with_workers = take(loader(**kwargs), 6), take(loader(**kwargs, options=workers(2)), 6)
         assert all(torch.equal(a, b) for a, b in zip(plain, with_workers))
 
 
-def test_resume_with_workers_is_exact_and_reshards(tokenizer):
-    kwargs = dict(name="c4_test", tokenizer=tokenizer, batch=2, seed=3)
+@pytest.mark.parametrize("name", ["c4_test", "tokens"])
+def test_resume_with_workers_is_exact_and_reshards(name, tokenizer, prepared_tiny):
+    kwargs = dict(name=name, tokenizer=tokenizer, path=prepared_tiny if name == "tokens" else None, batch=2, seed=3)
     straight = take(loader(**kwargs, dp_degree=1), 8)  # one process: what the two ranks read together
     saved = []
     for rank in range(2):  # dp=2, 2 workers each: 3 batches per rank, then the state
@@ -260,3 +282,35 @@ def test_missing_path_is_named(name, tokenizer, tmp_path):
     missing = tmp_path / "nowhere"
     with pytest.raises(FileNotFoundError, match=str(missing)):
         loader(name, tokenizer, path=str(missing))
+
+
+# --- a streaming source split per rank (c4 from the hub; here the same code on a local file, streamed) -------------
+
+def streamed(split: str = "validation"):
+    import datasets
+    return datasets.load_dataset("json", data_files=str(C4_TEST_PATH / f"{split}.jsonl"), split="train",
+                                 streaming=True).select_columns(["text"])
+
+
+def test_streaming_ranks_read_disjoint_documents_and_resume_from_the_source_state(tokenizer):
+    from trainer.data.datasets import RankStreamDataset
+    texts = read_jsonl(C4_TEST_PATH / "validation.jsonl")
+    for rank in range(2):  # one file: rank r reads documents r, r + 2, ... (datasets' split_dataset_by_node)
+        ds = RankStreamDataset(streamed(), tokenizer, SEQ_LEN, rank, 2, infinite=False)
+        assert [torch.cat([x, y[-1:]]).tolist() for x, y in ds] == windows_by_hand(tokenizer, texts[rank::2])
+
+    def rank1():
+        return StatefulDataLoader(RankStreamDataset(streamed(), tokenizer, SEQ_LEN, 1, 2), batch_size=16)
+    # rank 1's half of the split is ~950 windows: batch 60 is in the second epoch, after the resume at 50
+    uninterrupted = take(rank1(), 64)
+    first = rank1()
+    it = iter(first)
+    for _ in range(50):
+        next(it)
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)
+    resumed = rank1()
+    resumed.load_state_dict(torch.load(io.BytesIO(buffer.getvalue()), weights_only=False))
+    assert all(torch.equal(a, b) for a, b in zip(uninterrupted[50:], take(resumed, 14), strict=True))
+    with pytest.raises(ValueError, match="resumes only at the dp degree"):
+        resume_position([first.state_dict(), first.state_dict()], 0, 1)

@@ -64,9 +64,11 @@ class DataLoader:
 @dataclass
 class Training:
     dataset: str = "c4_test"
-    """Dataset: c4_test (shipped), c4 (allenai/c4 streaming), synthetic, or text/json/jsonl/parquet with dataset_path."""
+    """Dataset: c4_test (shipped), c4 (allenai/c4 streaming), synthetic, text/json/jsonl/parquet with dataset_path,
+    or tokens: a folder made by scripts/prepare_data.py (pre-tokenized; a rank reads only its own windows)."""
     dataset_path: str | None = None
-    """Local file or folder to read instead of the named dataset's default location."""
+    """Local file or folder to read instead of the named dataset's default location (for tokens: the prepared
+    folder)."""
     local_batch_size: int = 8
     """Sequences per data-parallel rank per micro-step (forward/backward)."""
     global_batch_size: int = -1

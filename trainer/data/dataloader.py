@@ -69,6 +69,9 @@ def resume_position(states: list[dict], dp_rank: int, dp_degree: int) -> dict:
     Raises ValueError on states that do not fit.
     """
     per_rank = [dataset_states(s) for s in states]
+    if any("docs_state" in x for d in per_rank for x in d):
+        raise ValueError("a streaming source split per rank (c4 from the hub) resumes only at the dp degree and "
+                         "number of loader workers it was saved with")
     if any(not d or any(x.get("dp_degree") != len(states) or x.get("dp_rank") != r for x in d)
            for r, d in enumerate(per_rank)):
         raise ValueError(f"the {len(states)} saved data loader states are not one per dp rank of one run")

@@ -1,9 +1,8 @@
 """Text sources by name, and the checkpointable datasets that cut them into training windows for one dp rank.
 
-Sharding rule: every rank walks the same global stream of windows of seq_len + 1 tokens and keeps window i when
-i % dp_degree == dp_rank. The union of what the dp ranks read at a step is then the same for any dp degree, so a
-dp=2 run sees exactly the global batch of a one-process run with twice the local batch; the training parity tests
-rely on it. The price is that every rank tokenizes the whole stream, which is cheap next to a training step.
+Every rank keeps its share of one global stream of windows (the sharding rule, trainer/data/windows.py). A text
+source is tokenized on the fly, so every rank tokenizes the whole stream to find its windows: a cost that grows
+with the dp degree. A prepared folder ("tokens", trainer/data/prepared.py) addresses a rank's windows directly.
 """
 
 import re
@@ -12,15 +11,17 @@ from pathlib import Path
 
 import datasets
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
+from datasets.distributed import split_dataset_by_node
 
+from trainer.data.prepared import PreparedDataset
 from trainer.data.tokenizer import Tokenizer
+from trainer.data.windows import WindowStream
 
 C4_TEST_PATH = Path(__file__).resolve().parents[2] / "tests/assets/c4_test"
 # Dataset name -> datasets' builder for local files.
 LOCAL_BUILDERS = {"text": "text", "json": "json", "jsonl": "json", "parquet": "parquet"}
 SUFFIX_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-DATASET_NAMES = ("c4_test", "c4", "synthetic", *LOCAL_BUILDERS)
+DATASET_NAMES = ("c4_test", "c4", "synthetic", *LOCAL_BUILDERS, "tokens")
 # Documents tokenized per encode_batch call; it bounds the token buffer kept in a checkpoint.
 DOCS_PER_BATCH = 32
 
@@ -73,54 +74,6 @@ def load_documents(name: str, dataset_path: str | None, split: str) -> datasets.
     if not streaming and len(docs) == 0:
         raise ValueError(f"dataset {name!r} at {files[0]} holds no documents")
     return docs
-
-
-class WindowStream(IterableDataset):
-    """Counts the windows of the global stream and tells which belong to this dp rank (and, in a loader with
-    worker processes, to this worker); base of the datasets here.
-
-    With W workers, each walks the whole stream and keeps the rank's batches k with k % W == its id (batches of
-    `batch_size` of the rank's windows): the loader hands batches out from the workers in turn, so the rank sees
-    the very batches, in the same order, that it reads without workers."""
-
-    def __init__(self, seq_len: int, dp_rank: int, dp_degree: int, batch_size: int = 1):
-        if not 0 <= dp_rank < dp_degree:
-            raise ValueError(f"dp_rank {dp_rank} must be in [0, dp_degree={dp_degree})")
-        self.seq_len, self.dp_rank, self.dp_degree, self.batch_size = seq_len, dp_rank, dp_degree, batch_size
-        self._windows_seen = 0
-        self._worker, self._workers = 0, 1
-
-    def _find_worker(self) -> None:
-        """Called at the start of iteration: which worker process of how many this copy of the dataset runs in."""
-        info = get_worker_info()
-        self._worker, self._workers = (info.id, info.num_workers) if info is not None else (0, 1)
-
-    def _is_mine(self) -> bool:
-        """Count one more global window; True when it belongs to this rank (and worker)."""
-        index = self._windows_seen
-        self._windows_seen += 1
-        if index % self.dp_degree != self.dp_rank:
-            return False
-        return (index // self.dp_degree // self.batch_size) % self._workers == self._worker
-
-    @staticmethod
-    def _sample(window: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return window[:-1], window[1:]
-
-    def state_dict(self) -> dict:
-        """The dp layout and the number of global windows seen so far."""
-        return {"dp_rank": self.dp_rank, "dp_degree": self.dp_degree, "windows_seen": self._windows_seen}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Resume the window count; a state of another dp degree or rank would give a different split of the data."""
-        if state["dp_degree"] != self.dp_degree:
-            raise ValueError(
-                f"data loader state was saved with dp_degree={state['dp_degree']} but this run has dp_degree="
-                f"{self.dp_degree}; resume with the same data-parallel degree"
-            )
-        if state["dp_rank"] != self.dp_rank:
-            raise ValueError(f"data loader state of dp_rank {state['dp_rank']} loaded on dp_rank {self.dp_rank}")
-        self._windows_seen = state["windows_seen"]
 
 
 class PackedDataset(WindowStream):
@@ -186,6 +139,52 @@ class PackedDataset(WindowStream):
         self._tokens, self._offset = list(state["tokens"]), 0
 
 
+class RankStreamDataset(PackedDataset):
+    """A streaming source (C4 from the hub) split between the dp ranks by `datasets.distributed.split_dataset_by_node`
+    (by files when the dp degree divides their number, else every dp-th document): a rank reads and tokenizes only
+    its part, and resumes from the source's own `state_dict` instead of re-reading the stream from its start. In a
+    loader with workers, `datasets` splits the rank's files between them in turn.
+
+    The price of scale: a rank's windows come from its own documents, so the global batch of a step depends on the
+    dp degree (layouts of different dp do not see the same data) and a saved position cannot be resharded."""
+
+    def __init__(self, docs: datasets.IterableDataset, tokenizer: Tokenizer, seq_len: int, dp_rank: int,
+                 dp_degree: int, seed: int = 0, infinite: bool = True, batch_size: int = 1):
+        super().__init__(split_dataset_by_node(docs, rank=dp_rank, world_size=dp_degree), tokenizer, seq_len,
+                         dp_rank, dp_degree, seed, infinite, batch_size)
+        self._start = self.docs.state_dict()
+
+    def _rewind(self) -> None:
+        super()._rewind()
+        self._docs_state = None
+
+    def _is_mine(self) -> bool:
+        self._windows_seen += 1
+        return True  # every window of the rank's (and worker's) own documents
+
+    def _document_batches(self) -> Iterator[list[str]]:
+        while True:
+            self.docs.load_state_dict(self._docs_state or self._start)
+            for batch in self.docs.iter(batch_size=DOCS_PER_BATCH):
+                # Taken as the batch is handed over: __iter__ adds its tokens to the buffer before it yields again.
+                self._docs_state = self.docs.state_dict()
+                yield batch["text"]
+            if not self.infinite:
+                return
+            self._epoch, self._docs_state = self._epoch + 1, None
+
+    def state_dict(self) -> dict:
+        """The source's own position, the token buffer left and the windows seen."""
+        return {**WindowStream.state_dict(self), "epoch": self._epoch, "docs_state": self._docs_state,
+                "tokens": self._tokens[self._offset:]}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume at a position saved by `state_dict` (same dp degree and rank only)."""
+        WindowStream.load_state_dict(self, state)
+        self._epoch, self._docs_state = state["epoch"], state["docs_state"]
+        self._tokens, self._offset = list(state["tokens"]), 0
+
+
 class SyntheticDataset(WindowStream):
     """Endless uniform random token ids; window i comes from its own seed, so any rank jumps straight to its own."""
 
@@ -209,6 +208,13 @@ def build_dataset(name: str, dataset_path: str | None, tokenizer: Tokenizer | No
                   vocab_size: int | None = None, batch_size: int = 1) -> WindowStream:
     """The dataset `name` for one dp rank. `synthetic` needs `vocab_size` and is endless whatever split/infinite say;
     the others need a tokenizer. `batch_size` is the loader's, by which worker processes share the rank's windows."""
+    if name == "tokens":
+        if dataset_path is None:
+            raise ValueError("dataset 'tokens' reads a folder made by scripts/prepare_data.py; set dataset_path to it")
+        if tokenizer is None:
+            raise ValueError("dataset 'tokens' needs the tokenizer it was prepared with")
+        return PreparedDataset(Path(dataset_path), split, tokenizer, seq_len, dp_rank, dp_degree, seed, infinite,
+                               batch_size)
     if name == "synthetic":
         if vocab_size is None:
             raise ValueError("dataset 'synthetic' needs vocab_size (the model's) to draw token ids from")
@@ -216,4 +222,6 @@ def build_dataset(name: str, dataset_path: str | None, tokenizer: Tokenizer | No
     docs = load_documents(name, dataset_path, split)
     if tokenizer is None:
         raise ValueError(f"dataset {name!r} needs a tokenizer")
+    if name == "c4" and dataset_path is None:  # streamed from the hub: each rank reads only its part
+        return RankStreamDataset(docs, tokenizer, seq_len, dp_rank, dp_degree, seed, infinite, batch_size)
     return PackedDataset(docs, tokenizer, seq_len, dp_rank, dp_degree, seed, infinite, batch_size)

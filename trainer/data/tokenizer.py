@@ -1,5 +1,6 @@
 """Tokenizer: a HF `tokenizer.json` (Llama 3, Llama 2, SmolLM, the test asset) with BOS/EOS under our control."""
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -61,6 +62,12 @@ class Tokenizer:
         """`encode` over many texts at once; the Rust side runs them in parallel."""
         encodings = self._tokenizer.encode_batch_fast(texts, add_special_tokens=False)
         return [self._wrap(e.ids, bos, eos) for e in encodings]
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the tokenizer's canonical JSON and its BOS/EOS ids: equal exactly when two tokenizers turn
+        every text into the same ids (a prepared dataset records it, and refuses another tokenizer)."""
+        text = f"{self._tokenizer.to_str()}|bos={self.bos_id}|eos={self.eos_id}"
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
     def decode(self, ids: list[int]) -> str:
         """Text of `ids`; special tokens are kept so document boundaries stay visible."""
