@@ -82,7 +82,8 @@ SLOW = {"dp_shard=2, from the async save of step 5", "dp_shard=4 -> dp_shard=2 (
         "pp=2 Interleaved1F1B (2 stages per rank) -> dp_shard=2 (reshard)", "dp_shard=4 -> dp_shard=2 x tp=2 (reshard)",
         "kill -9 during the async save of step 4",
         "dp_shard=2 float8 with float8 all-gather + precompute, SIGTERM after step 5",
-        "dp_shard=2 early_step_in_backward, SIGTERM after step 5", "dp_shard=2 early_step_in_backward -> without"}
+        "dp_shard=2 early_step_in_backward, SIGTERM after step 5", "dp_shard=2 early_step_in_backward -> without",
+        "dp_shard=2 cpu offload, SIGTERM after step 5"}
 
 
 def train(pool, layout: str, out, settings: dict, switches: list[str] = ()) -> tuple[dict, str]:
