@@ -38,13 +38,31 @@ def use_nvshmem_symmetric_memory() -> None:
     set_backend("NVSHMEM")
 
 
-def enable_async_tensor_parallel() -> None:
+def enable_async_tensor_parallel(tp_group_name: str) -> None:
     """Let inductor overlap TP collectives with the matmuls around them (micro-pipeline TP; private config in
-    2.13). Only compiled code on CUDA benefits. torchtitan also called enable_symm_mem_for_group for the tp group;
-    2.13 deprecates that as unnecessary."""
+    2.13). Only compiled code on CUDA benefits.
+
+    The pass fuses an all-gather or reduce-scatter with its matmul only where
+    `is_symm_mem_enabled_for_group(group)` is true, which in 2.13 still means "enable_symm_mem_for_group was called
+    for it", although that function warns it is no longer needed (FutureWarning). Without the call the fusions are
+    skipped silently, so the tp group is registered here, the warning silenced.
+    """
+    import warnings
+
     import torch._inductor.config
+    from torch.distributed._symmetric_memory import enable_symm_mem_for_group
 
     torch._inductor.config._micro_pipeline_tp = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        enable_symm_mem_for_group(tp_group_name)
+
+
+def symmetric_memory_enabled(group_name: str) -> bool:
+    """Whether inductor's micro-pipeline TP pass will fuse collectives of this group (private module in 2.13)."""
+    from torch.distributed._symmetric_memory import is_symm_mem_enabled_for_group
+
+    return bool(is_symm_mem_enabled_for_group(group_name))
 
 
 def set_activation_memory_budget(budget: float, pareto_dir: str | None = None) -> None:

@@ -74,3 +74,26 @@ def test_dry_run_parameter_memory_shrinks_by_tp():
         # NGPU=4, the rest FSDP: 4 shards of every matrix whatever tp is; only the norms are split by dp_shard.
         fsdp = local_elements(4, degrees)
         assert fsdp == sharded // 4 + norms // (4 // tp), tp
+
+
+def test_async_tp_registers_the_tp_group_for_symmetric_memory(monkeypatch):
+    # Inductor's micro-pipeline pass fuses a collective with its matmul only for a group registered for symmetric
+    # memory; torch 2.13 still skips the fusion silently otherwise. The build refuses async TP off CUDA, so the
+    # plan is built as for CPU and the flag set on the plan the build reads.
+    import torch._inductor.config
+
+    from trainer.torch_private import symmetric_memory_enabled
+
+    monkeypatch.setattr(torch._inductor.config, "_micro_pipeline_tp", False)
+    cfg = load_config(["--training.seq_len", "64", "--parallelism.tensor_parallel_degree", "2"])
+    plan = plan_run(cfg, 2, "cpu")
+    init_fake_process_group(rank=0, world_size=2)
+    plan.dims.build_mesh("cpu")
+    group = plan.dims.mesh("tp").get_group().group_name
+    assert not symmetric_memory_enabled(group)
+    from trainer.parallel.tensor_parallel import apply_tensor_parallel
+
+    model = Transformer(get_model_args("llama3", "debugmodel"))
+    apply_tensor_parallel(model.to("meta"), plan.dims.mesh("tp"), loss_parallel_enabled=True, async_tp=True)
+    assert torch._inductor.config._micro_pipeline_tp
+    assert symmetric_memory_enabled(group)

@@ -208,3 +208,18 @@ def test_autograd_cache_switch():
         assert functorch_config.enable_autograd_cache is False
     finally:
         functorch_config.enable_autograd_cache = before
+
+
+def test_async_tp_symmetric_memory_registration():
+    import torch._inductor.config
+    from torch._inductor.fx_passes import micro_pipeline_tp
+    from torch.distributed import _symmetric_memory as symm
+
+    assert hasattr(torch._inductor.config, "_micro_pipeline_tp"), "inductor lost _micro_pipeline_tp: update " \
+                                                                 "enable_async_tensor_parallel"
+    for name in ("enable_symm_mem_for_group", "is_symm_mem_enabled_for_group"):
+        assert callable(getattr(symm, name, None)), f"{name} is gone: update enable_async_tensor_parallel"
+    # The reason the deprecated registration is still made: the pass checks it. When this fails, torch no longer
+    # needs it and enable_async_tensor_parallel can drop the call.
+    assert "is_symm_mem_enabled_for_group" in inspect.getsource(micro_pipeline_tp), \
+        "micro-pipeline TP no longer checks symmetric-memory registration: drop it from enable_async_tensor_parallel"

@@ -135,7 +135,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, loss_parallel_e
         assert emb.placements == out.placements == (Shard(0),), (emb.placements, out.placements)
         model.output.weight = emb
     if async_tp:
-        enable_async_tensor_parallel()
+        enable_async_tensor_parallel(tp_mesh.get_group().group_name)
 
 
 def loss_context(enabled: bool) -> contextlib.AbstractContextManager:
