@@ -81,8 +81,8 @@ class WorkerPool:
         folder.mkdir(parents=True)
         cmd = [sys.executable, str(ROOT / "tests/distributed/worker.py"), "--pool", str(folder), "--ranks", str(ranks)]
         log = open(folder / "pool.log", "w")
-        proc = subprocess.Popen(cmd, env={**rank_env(), **SINGLE_THREADED}, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        env = {**rank_env(), **SINGLE_THREADED, "POOL_PARENT_PID": str(os.getpid())}  # the pool dies with us
+        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
         return _Pool(ranks, folder, proc)
 

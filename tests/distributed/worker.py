@@ -18,6 +18,7 @@ The one-off mode is a real torchrun launch, for what a pool cannot run (a rank k
 import contextlib
 import gc
 import json
+import signal
 import os
 import socket
 import sys
@@ -101,8 +102,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _pool_rank(rank: int, world_size: int, port: int, folder: Path) -> None:
+def _die_with_parent(parent: int) -> None:
+    """Be killed when `parent` dies: a pool paused by SIGSTOP whose pytest was killed (by the OOM killer, say) would
+    otherwise hold its ranks' memory until the machine restarts (Linux prctl PR_SET_PDEATHSIG)."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # it died before the call
+        os._exit(1)
+
+
+def _pool_rank(rank: int, world_size: int, port: int, folder: Path, launcher: int) -> None:
     """One forked rank of a pool: torchrun's environment for it, the process group, then jobs until told to stop."""
+    _die_with_parent(launcher)
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "GROUP_RANK": "0", "WORLD_SIZE": str(world_size),
                        "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     dist.init_process_group("gloo", timeout=IDLE_LIMIT)
@@ -121,7 +133,9 @@ def main() -> None:
         # A fork copies only the calling thread: a lock another thread held stays locked in every rank (seen as heap
         # corruption). pool.py turns off the threads the imports would start (pyarrow's jemalloc purger, OpenBLAS).
         assert len(_threads()) == 1, f"the pool must fork from a single thread, but it runs {_threads()}"
-        mp.start_processes(_pool_rank, args=(ranks, _free_port(), folder), nprocs=ranks, start_method="fork")
+        _die_with_parent(int(os.environ["POOL_PARENT_PID"]))
+        mp.start_processes(_pool_rank, args=(ranks, _free_port(), folder, os.getpid()), nprocs=ranks,
+                           start_method="fork")
         return
     assert sys.argv[1] == "--job", "usage: worker.py --pool DIR --ranks N | --job NAME OUT ARGS..."
     dist.init_process_group("gloo", timeout=IDLE_LIMIT)
