@@ -53,7 +53,7 @@ fi
 # exits 1 whatever they did; a save cut short there is never marked complete.)
 if (( NGPU == 1 )); then
   RANK=0 LOCAL_RANK=0 WORLD_SIZE=1 LOCAL_WORLD_SIZE=1 MASTER_ADDR=127.0.0.1 MASTER_PORT=0 \
-    "$PYTHON" -m trainer.train --job.config_file "$CONFIG_FILE" "$@" &
+    "$PYTHON" -u -m trainer.train --job.config_file "$CONFIG_FILE" "$@" &  # -u: unbuffered, as torchrun runs ranks
   agent=$!
   to_ranks() { kill "-$1" "$agent" 2>/dev/null || true; }
 else
