@@ -159,9 +159,9 @@ def main(argv: list[str] | None = None) -> None:
     if "--help" in argv or "-h" in argv:
         print(help_text())
         return
-    # --preflight: run_train.sh's check before torchrun on this machine; silent when valid, and the
-    # assets must be there. --device cuda|cpu: the devices the run is planned for (default cuda; the preflight
-    # check plans for this machine's).
+    # --preflight: the checks a training run makes on this machine (its ranks make them themselves, see
+    # run_train.sh); silent when valid, and the assets must be there. --device cuda|cpu: the devices the run is
+    # planned for (default cuda; the preflight check plans for this machine's).
     if "--plan" in argv:  # every valid layout for NGPU ranks instead of the configured one (trainer/planner.py)
         from trainer.plan_report import plan_main
 

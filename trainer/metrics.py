@@ -117,13 +117,12 @@ class _TensorBoard:
     """Scalars into TensorBoard event files under `log_dir`."""
 
     def __init__(self, log_dir: Path):
-        from torch.utils.tensorboard import SummaryWriter
+        from trainer.event_file import ScalarEventWriter  # not torch.utils.tensorboard: ~0.7 s less start-up
 
-        self.writer = SummaryWriter(log_dir=str(log_dir), max_queue=1000)
+        self.writer = ScalarEventWriter(log_dir)
 
     def write(self, scalars: dict[str, float], step: int) -> None:
-        for tag, value in scalars.items():
-            self.writer.add_scalar(tag, value, step)
+        self.writer.add_scalars(scalars, step)
 
     def close(self) -> None:
         self.writer.close()

@@ -44,8 +44,9 @@ def overrides(tmp_path, layout: str, **extra) -> tuple[int, list[str]]:
                                        "job.dump_folder": str(tmp_path), "checkpoint.interval": 2, **extra})
 
 
-def test_sigterm_to_run_train_saves_and_exits_0(tmp_path):
-    ranks, args = overrides(tmp_path, "dp_shard=2")
+@pytest.mark.parametrize("layout", ["dp_shard=2", "1 process"])  # under torchrun; one rank without its agent
+def test_sigterm_to_run_train_saves_and_exits_0(layout, tmp_path):
+    ranks, args = overrides(tmp_path, layout)
     env = {**rank_env(), "NGPU": str(ranks)}
     code, log, _ = signal_after_step(["bash", str(ROOT / "run_train.sh"), *args], 3, env)
     assert code == 0, log[-4000:]

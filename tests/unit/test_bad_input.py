@@ -1,8 +1,9 @@
 """Every mistake a user can make ends in one line naming the key and value, and a non-zero exit.
 
-Each case runs the real entry point (trainer.dry_run.main: DRY_RUN, and the check run_train.sh does before
-torchrun) and asserts its exit code and exact stderr. Most run in this process for speed; a few run in a fresh
-process, and the launcher itself is run once, to show the in-process result is what a user sees.
+Each case runs the real entry point (trainer.dry_run.main: DRY_RUN, and with --preflight the same checks as a
+training run, assets included) and asserts its exit code and exact stderr. Most run in this process for speed; a few
+run in a fresh process, and the launcher at a few NGPU, where the ranks make the checks, to show the in-process
+result is what a user sees.
 """
 
 import os
@@ -207,13 +208,43 @@ def test_one_line_error_in_a_fresh_process(case, tmp_path):
     _assert_one_line(proc.returncode, proc.stdout, proc.stderr, expected)
 
 
-def test_launcher_stops_before_torchrun(tmp_path):
-    # run_train.sh checks the config first, so a mistake is one line, not a torchrun failure report per rank.
-    env = {**os.environ, "NGPU": "2", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([str(ROOT / "run_train.sh"), "--parallelism.data_parallel_shard_degree", "3"], env=env,
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "dp_shard 3" in proc.stderr
+LAUNCHER_CASES = [  # (NGPU, run_train.sh arguments, substring of the one line): a mistake of each kind
+    (1, ["--training.stepz", "3"], "did you mean 'steps'"),  # a wrong key
+    (2, ["--parallelism.data_parallel_shard_degree", "3"], "dp_shard 3"),  # an impossible layout
+    pytest.param(2, ["--lr_scheduler.decay_type", "exp"], "decay_type = 'exp'", marks=pytest.mark.slow),  # a bad value
+    pytest.param(8, ["--model.hf_assets_path", "/nope"], "model.hf_assets_path = '/nope'",  # a missing file
+                 marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("ngpu,args,expected", LAUNCHER_CASES, ids=lambda v: str(v) if isinstance(v, int) else None)
+def test_launcher_config_error_is_one_line(ngpu, args, expected, tmp_path):
+    # The ranks check the config themselves (no check in a process of its own before them): rank 0 prints one line,
+    # and neither torchrun's failure report nor a traceback follows; run_train.sh exits 2 at any NGPU.
+    env = {**os.environ, "NGPU": str(ngpu), "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([str(ROOT / "run_train.sh"), "--job.dump_folder", str(tmp_path / "out"), *args], env=env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and expected in proc.stderr, proc.stderr
+    assert proc.stderr.startswith("error: ") and not proc.stdout, proc.stdout + proc.stderr
+
+
+def test_launcher_reports_other_failures_as_torchrun_does():
+    # trainer/launch.py silences torchrun's report only when rank 0 exited 2 (it printed the line) and every other
+    # failed rank exited 2 too or was stopped by the agent.
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from trainer.launch import is_config_error
+
+    def failed(*codes: int) -> ChildFailedError:
+        return ChildFailedError("trainer.train", {rank: ProcessFailure(rank, 100 + rank, code, "<N/A>")
+                                                  for rank, code in enumerate(codes) if code is not None})
+
+    assert is_config_error(failed(2, 2)) and is_config_error(failed(2, -15)) and is_config_error(failed(2, None))
+    assert not is_config_error(failed(1, 2))  # a bug on rank 0
+    assert not is_config_error(failed(2, 1))  # a bug on rank 1 beside the config error
+    assert not is_config_error(failed(None, 2))  # rank 1 alone: rank 0 printed nothing
+    assert not is_config_error(failed(-9, 2))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
