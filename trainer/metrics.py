@@ -117,12 +117,13 @@ class _TensorBoard:
     """Scalars into TensorBoard event files under `log_dir`."""
 
     def __init__(self, log_dir: Path):
-        from trainer.event_file import ScalarEventWriter  # not torch.utils.tensorboard: ~0.7 s less start-up
+        from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = ScalarEventWriter(log_dir)
+        self.writer = SummaryWriter(log_dir=str(log_dir), max_queue=1000)
 
     def write(self, scalars: dict[str, float], step: int) -> None:
-        self.writer.add_scalars(scalars, step)
+        for tag, value in scalars.items():
+            self.writer.add_scalar(tag, value, step)
 
     def close(self) -> None:
         self.writer.close()
