@@ -1,0 +1,123 @@
+"""What the layout planner's `--device cpu` profile measures on this machine besides the matmul peak
+(trainer.metrics.cpu_peak_flops): two local processes on gloo time
+
+- a 16 MiB all-reduce (bandwidth) and a 1-element one (the latency every collective pays);
+- one forward and backward of the debug model on 8 tokens, where compute is negligible and what is left is the
+  framework's cost per block: Python and autograd per op on plain tensors, and on top of it under FSDP (hooks,
+  copy-in/out, its collectives), TP (DTensor dispatch and sharding propagation, redistributions, the sequence-
+  parallel collectives) and CP (the ring's rounds and its merge of partial attention outputs).
+
+On a GPU those costs hide under the kernels of real shapes; on CPU they take the cores the matmuls need, and on a
+small model they decide which layout is fastest. `measure()` runs this module as two processes and returns the
+figures; trainer.device_profiles caches them.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+_TOKENS = 8
+# layout name -> parallelism overrides (dp_shard 1 everywhere else); "plain" runs each process on its own.
+_LAYOUTS = {"plain": {}, "fsdp": {"data_parallel_shard_degree": 2}, "tp": {"tensor_parallel_degree": 2},
+            "cp": {"context_parallel_degree": 2}}
+
+
+def _gloo(rank: int) -> tuple[float, float]:
+    import torch.distributed as dist
+
+    x = torch.ones(4 * 2**20)  # 16 MiB
+    dist.all_reduce(x)
+    best = float("inf")
+    for _ in range(5):
+        dist.barrier()
+        start = time.perf_counter()
+        dist.all_reduce(x)
+        best = min(best, time.perf_counter() - start)
+    tiny, latency = torch.ones(1), float("inf")
+    for _ in range(20):
+        dist.barrier()
+        start = time.perf_counter()
+        dist.all_reduce(tiny)
+        latency = min(latency, time.perf_counter() - start)
+    return x.numel() * 4 / best, latency  # a 2-rank ring all-reduce sends each rank's whole buffer once
+
+
+def _step_seconds(name: str, repeats: int = 8) -> tuple[float, int]:
+    """Best time of a forward + loss + backward of the debug model on _TOKENS tokens in layout `name`, and its
+    number of blocks."""
+    import torch.distributed as dist
+
+    from trainer.build import build_model, plan_run
+    from trainer.config import load_config
+    from trainer.train import cross_entropy_loss
+
+    keys = {"data_parallel_shard_degree": 1, **_LAYOUTS[name]}
+    cfg = load_config(["--job.config_file", str(ROOT / "configs/debug_model.toml"), "--model.flavor", "debugmodel",
+                       "--training.seq_len", str(_TOKENS), "--training.local_batch_size", "1",
+                       "--training.mixed_precision_param", "float32", "--training.dataset", "synthetic",
+                       *[a for k, v in keys.items() for a in (f"--parallelism.{k}", str(v))]])
+    world = 1 if name == "plain" else dist.get_world_size()
+    plan = plan_run(cfg, world, "cpu")
+    if world > 1:
+        plan.dims.build_mesh("cpu")
+    model = build_model(plan, torch.device("cpu"))
+    tokens = torch.randint(0, plan.model_args.vocab_size, (1, _TOKENS + 1), generator=torch.Generator().manual_seed(0))
+    best = float("inf")
+    for i in range(repeats + 2):
+        inputs, labels = tokens[:, :-1].clone(), tokens[:, 1:].clone()
+        if world > 1:
+            dist.barrier()
+        start = time.perf_counter()
+        with model.batch_context(inputs, labels):
+            cross_entropy_loss(model.model(inputs), labels).backward()
+        if i >= 2:  # the first steps build caches (sharding propagation, autograd graphs)
+            best = min(best, time.perf_counter() - start)
+    return best, plan.model_args.n_layers
+
+
+def _probe(rank: int, port: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    bandwidth, latency = _gloo(rank)
+    seconds = {}
+    for name in _LAYOUTS:
+        seconds[name], layers = _step_seconds(name)
+    if rank == 0:
+        per_block = {name: s / layers for name, s in seconds.items()}
+        print(json.dumps({"gloo_bandwidth": bandwidth, "gloo_latency": latency,
+                          "block_overhead": per_block["plain"],
+                          **{f"{n}_block_overhead": max(0.0, per_block[n] - per_block["plain"])
+                             for n in ("fsdp", "tp", "cp")}}))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def measure() -> dict[str, float]:
+    """The figures, from two processes of one thread each on this machine (best of several repeats): gloo_bandwidth
+    (bytes/s one rank moves in an all-reduce), gloo_latency (seconds), block_overhead (seconds of one block's
+    forward and backward that are not compute, plain tensors) and fsdp_/tp_/cp_block_overhead (what a degree of 2
+    adds to it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
+        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    procs = [subprocess.Popen([sys.executable, "-m", "trainer.cpu_calibration", str(r), port], stdout=subprocess.PIPE,
+                              text=True, env=env, cwd=ROOT) for r in range(2)]
+    out = [p.communicate(timeout=600)[0] for p in procs]
+    if any(p.returncode for p in procs):
+        raise RuntimeError(f"the CPU calibration probe failed (exit codes {[p.returncode for p in procs]})")
+    return json.loads(out[0].strip().splitlines()[-1])
+
+
+if __name__ == "__main__":
+    _probe(int(sys.argv[1]), sys.argv[2])
