@@ -8,7 +8,8 @@
   parallel collectives) and CP (the ring's rounds and its merge of partial attention outputs).
 
 On a GPU those costs hide under the kernels of real shapes; on CPU they take the cores the matmuls need, and on a
-small model they decide which layout is fastest. `measure()` runs this module as two processes and returns the
+small model they decide which layout is fastest. And with twice as many processes as cores, busy with matmuls:
+what one tiny all-reduce costs when its ranks time-share the cores (it waits until all of them are scheduled). `measure()` runs this module as two processes and returns the
 figures; trainer.device_profiles caches them.
 """
 
@@ -82,11 +83,43 @@ def _step_seconds(name: str, repeats: int = 8) -> tuple[float, int]:
     return best, plan.model_args.n_layers
 
 
-def _probe(rank: int, port: str) -> None:
+def _sync_seconds(rounds: int = 30) -> float:
+    """Seconds one tiny all-reduce adds to a loop of ~2 ms matmul work per round on every rank: with more ranks
+    than cores, a collective waits until every rank in it is scheduled again."""
+    import torch.distributed as dist
+
+    a = torch.randn(192, 192)
+
+    def work() -> None:
+        for _ in range(16):
+            torch.mm(a, a)
+
+    tiny = torch.ones(1)
+    timings = []
+    for sync in (False, True, False, True):
+        dist.barrier()
+        start = time.perf_counter()
+        for _ in range(rounds):
+            work()
+            if sync:
+                dist.all_reduce(tiny)
+        timings.append(time.perf_counter() - start)
+    seconds = torch.tensor([min(timings[1::2]) - min(timings[0::2])])
+    dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
+    return max(0.0, seconds.item() / rounds)
+
+
+def _probe(rank: int, port: str, world: int) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    if world > 2:  # the oversubscribed probe: only the cost of a collective's synchronization
+        sync = _sync_seconds()
+        if rank == 0:
+            print(json.dumps({"oversubscribed_ranks": world, "oversubscribed_sync": sync}))
+        dist.destroy_process_group()
+        return
     bandwidth, latency = _gloo(rank)
     seconds = {}
     for name in _LAYOUTS:
@@ -105,14 +138,21 @@ def measure() -> dict[str, float]:
     """The figures, from two processes of one thread each on this machine (best of several repeats): gloo_bandwidth
     (bytes/s one rank moves in an all-reduce), gloo_latency (seconds), block_overhead (seconds of one block's
     forward and backward that are not compute, plain tensors) and fsdp_/tp_/cp_block_overhead (what a degree of 2
-    adds to it)."""
+    adds to it); then from twice as many processes as cores, oversubscribed_sync: the seconds a collective costs
+    busy ranks that time-share the cores (oversubscribed_ranks of them)."""
+    from trainer.device_profiles import cpu_cores
+
+    return {**_run(2), **_run(max(4, 2 * cpu_cores()))}
+
+
+def _run(world: int) -> dict[str, float]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
         [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    procs = [subprocess.Popen([sys.executable, "-m", "trainer.cpu_calibration", str(r), port], stdout=subprocess.PIPE,
-                              text=True, env=env, cwd=ROOT) for r in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-m", "trainer.cpu_calibration", str(r), port, str(world)],
+                              stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT) for r in range(world)]
     out = [p.communicate(timeout=600)[0] for p in procs]
     if any(p.returncode for p in procs):
         raise RuntimeError(f"the CPU calibration probe failed (exit codes {[p.returncode for p in procs]})")
@@ -120,4 +160,4 @@ def measure() -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    _probe(int(sys.argv[1]), sys.argv[2])
+    _probe(int(sys.argv[1]), sys.argv[2], int(sys.argv[3]))

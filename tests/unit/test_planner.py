@@ -181,17 +181,19 @@ def test_cpu_profile_is_measured_once_and_cached(monkeypatch, tmp_path):
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     figures = {"gloo_bandwidth": 1e9, "gloo_latency": 5e-5, "block_overhead": 2e-3, "fsdp_block_overhead": 1e-3,
-               "tp_block_overhead": 4e-3, "cp_block_overhead": 3e-3}
+               "tp_block_overhead": 4e-3, "cp_block_overhead": 3e-3, "oversubscribed_ranks": 4,
+               "oversubscribed_sync": 3e-3}
     monkeypatch.setattr(device_profiles, "measure_cpu", lambda: figures)
     cores = device_profiles.cpu_cores()
     profile = device_profiles.cpu_profile(2 * cores)
     assert not profile.overlaps_comm and profile.oversubscription == 2 and profile.tp_block_overhead == 4e-3
+    assert profile.collective_latency == 1e-3  # oversubscribed: the measured wait of a 4-rank collective, per hop
     # The matmul peak is the one MFU uses (trainer.metrics' cache), shared by the ranks; not cached twice.
     assert profile.peak_flops == metrics.cpu_peak_flops(torch.float32, cores) / (2 * cores)
     (entry,) = json.loads((tmp_path / "trainer" / "cpu_planner_profile.json").read_text()).values()
     assert entry == figures
     monkeypatch.setattr(device_profiles, "measure_cpu", lambda: pytest.fail("measured again"))
-    assert device_profiles.cpu_profile(1).oversubscription == 1
+    assert device_profiles.cpu_profile(1).oversubscription == 1 and device_profiles.cpu_profile(1).collective_latency == 5e-5
 
 
 def test_cpu_peak_cache_keeps_the_highest_measurement(monkeypatch, tmp_path):
@@ -217,3 +219,4 @@ def test_cpu_calibration_probe():
     figures = measure()
     assert figures["gloo_bandwidth"] > 0 and 0 < figures["gloo_latency"] < 1 and figures["block_overhead"] > 0
     assert all(figures[f"{n}_block_overhead"] >= 0 for n in ("fsdp", "tp", "cp"))
+    assert figures["oversubscribed_ranks"] >= 4 and figures["oversubscribed_sync"] >= 0
