@@ -8,9 +8,9 @@
   parallel collectives) and CP (the ring's rounds and its merge of partial attention outputs).
 
 On a GPU those costs hide under the kernels of real shapes; on CPU they take the cores the matmuls need, and on a
-small model they decide which layout is fastest. And with twice as many processes as cores, busy with matmuls:
-what one tiny all-reduce costs when its ranks time-share the cores (it waits until all of them are scheduled). `measure()` runs this module as two processes and returns the
-figures; trainer.device_profiles caches them.
+small model they decide which layout is fastest. Then, with twice as many processes as cores busy with matmuls:
+what one tiny all-reduce costs when its ranks time-share the cores (it waits until all of them are scheduled).
+`measure()` runs this module as those processes and returns the figures; trainer.device_profiles caches them.
 """
 
 import json

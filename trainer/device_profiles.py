@@ -84,6 +84,10 @@ def _cache_path() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "trainer" / "cpu_planner_profile.json"
 
 
+_CALIBRATED = {"gloo_bandwidth", "gloo_latency", "block_overhead", "fsdp_block_overhead", "tp_block_overhead",
+               "cp_block_overhead", "oversubscribed_ranks", "oversubscribed_sync"}
+
+
 def cpu_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
@@ -99,7 +103,7 @@ def cpu_profile(world_size: int, measure: bool = False) -> DeviceProfile:
         table = json.loads(cache.read_text())
     except (OSError, ValueError):
         table = {}
-    if key not in table or measure:
+    if measure or not _CALIBRATED <= table.get(key, {}).keys():  # not yet, or by an older version
         table[key] = measure_cpu()
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)

@@ -193,7 +193,8 @@ def test_cpu_profile_is_measured_once_and_cached(monkeypatch, tmp_path):
     (entry,) = json.loads((tmp_path / "trainer" / "cpu_planner_profile.json").read_text()).values()
     assert entry == figures
     monkeypatch.setattr(device_profiles, "measure_cpu", lambda: pytest.fail("measured again"))
-    assert device_profiles.cpu_profile(1).oversubscription == 1 and device_profiles.cpu_profile(1).collective_latency == 5e-5
+    one = device_profiles.cpu_profile(1)
+    assert one.oversubscription == 1 and one.collective_latency == 5e-5
 
 
 def test_cpu_peak_cache_keeps_the_highest_measurement(monkeypatch, tmp_path):
