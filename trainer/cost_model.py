@@ -117,16 +117,17 @@ def step_seconds(s: StepShape, dev: DeviceProfile, gpus_per_node: int) -> dict[s
         sends = 2 * s.stages_per_rank * s.microbatches
         pp = sends * (mb_tokens * s.dim * s.act_bytes / dev.inter_node_bandwidth + dev.collective_latency)
     # Ranks that time-share cores (CPU) stretch the CPU work besides the matmuls (whose peak is already shared).
-    overheads = (fsdp_exposed + replicate + tp + cp + pp + framework) * dev.oversubscription
-    per_batch = compute + overheads
+    o = dev.oversubscription
+    per_batch = compute + o * fsdp_exposed + o * replicate + o * tp + o * cp + o * pp + o * framework
     if s.pp > 1:
-        staged = compute + (tp + cp + framework) * dev.oversubscription  # the work that waits on the stage before
+        staged = compute + o * tp + o * cp + o * framework  # the work that waits on the stage before
         bubble = staged * (s.pp - 1) / (s.microbatches * s.stages_per_rank) * BUBBLE_SCALE[s.schedule]
         # A rank idle in the bubble leaves its core to the others: with more ranks than cores the step takes
         # max(all ranks' work over the cores, one rank's path at a whole core's speed).
-        bubble = max(0.0, (per_batch + bubble) / dev.oversubscription - per_batch)
+        if o > 1:
+            bubble = max(0.0, (per_batch + bubble) / o - per_batch)
     optimizer = 32 * s.local_params / dev.memory_bandwidth
-    k = s.accum_steps * dev.oversubscription
+    k = s.accum_steps * o
     parts = {"compute": compute * s.accum_steps, "fsdp": fsdp_exposed * k, "replicate": replicate * k,
              "tp": tp * k, "cp": cp * k, "pp": pp * k, "framework": framework * k, "bubble": bubble * s.accum_steps,
              "optimizer": optimizer}
