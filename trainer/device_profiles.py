@@ -115,14 +115,15 @@ def cpu_profile(world_size: int, measure: bool = False) -> DeviceProfile:
     peak = cpu_peak_flops(torch.float32, cores, measure)
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     # achievable 0.5: a training step's matmuls on CPU are smaller than the 1024^2 product the peak is timed on.
-    # overhead: a training process of a tiny model (benchmodel, seq 16) peaks 0.12 GiB above one that only imported
-    # the trainer (measured with run_train.sh on this machine): gloo, data loader, metrics writers.
+    # overhead: a training process of a tiny model (benchmodel, seq 16, 4.4M parameters) peaks 0.12 GiB (1 rank) /
+    # 0.09 GiB (2 ranks) above one that only imported the trainer, of which 0.066 / 0.033 GiB are its parameters,
+    # gradients and AdamW state: 0.06 GiB is the process's own (gloo, data loader, metrics writers).
     latency = measured["gloo_latency"]
     if world_size > cores:  # a collective waits for its ranks to be scheduled: per hop of a ring, as priced
         latency = max(latency, measured["oversubscribed_sync"] / (measured["oversubscribed_ranks"] - 1))
     return DeviceProfile("cpu", ram // world_size, peak / world_size, 0.5, 10 * GB,
                          measured["gloo_bandwidth"], measured["gloo_bandwidth"], latency,
-                         False, int(0.12 * GiB), measured["block_overhead"], measured["fsdp_block_overhead"],
+                         False, int(0.06 * GiB), measured["block_overhead"], measured["fsdp_block_overhead"],
                          measured["tp_block_overhead"], measured["cp_block_overhead"], max(1.0, world_size / cores))
 
 
