@@ -8,15 +8,18 @@ TensorBoard scalars), back to back, on the debug model scaled up in sequence len
 (memory: seq 2048, local batch 4; speed: seq 512, local batch 8; fp32, synthetic data). Measured memory is the
 fullest rank's peak RSS minus the RSS of a process that has only imported the trainer (measured first), with glibc's
 mmap threshold fixed (MALLOC_MMAP_THRESHOLD_=131072, see below) so that the RSS follows the live tensors; predicted
-is the planner's fullest rank with `--device cpu`. Run it on a quiet machine: other processes change both the
-measured throughput and the matmul peak the CPU profile calibrates (delete ~/.cache/trainer/cpu_planner_profile.json
-to measure that again). Writes a Markdown table to stdout and the raw figures to --out (JSON).
+is the planner's fullest rank with `--device cpu`. The speed check first calibrates the CPU profile again
+(trainer/cpu_calibration.py: gloo, the framework's cost per block, the wait of a collective among ranks that
+time-share the cores; and the matmul peak, whose cache keeps its highest measurement), then runs every layout
+--repeats times round-robin and compares the median. Run it on a quiet machine: other processes change the measured
+throughput and the calibration alike. Writes a Markdown table to stdout and the raw figures to --out (JSON).
 """
 
 import argparse
 import dataclasses
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +31,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from bench import bench_layout  # noqa: E402
 
 from trainer.config import load_config  # noqa: E402
-from trainer.device_profiles import GiB  # noqa: E402
+from trainer.device_profiles import GiB, cpu_profile  # noqa: E402
 from trainer.planner import Layout, Planner  # noqa: E402
 
 MEMORY_LAYOUTS = [
@@ -41,7 +44,9 @@ SPEED_LAYOUTS = [
     Layout(1, 4, 1, 1, 1), Layout(2, 2, 1, 1, 1), Layout(4, 1, 1, 1, 1), Layout(1, 2, 1, 2, 1), Layout(1, 1, 1, 4, 1),
     Layout(1, 1, 4, 1, 1), Layout(1, 2, 1, 1, 2, "1F1B", 1), Layout(1, 4, 1, 1, 1, ac_mode="full"),
 ]
-SHAPES = {"memory": {"seq_len": 2048, "batch": 4}, "speed": {"seq_len": 512, "batch": 8}}
+# memory: two steps reach the peak (AdamW's state exists from the first), so no warm-up steps are measured apart.
+SHAPES = {"memory": {"seq_len": 2048, "batch": 4, "warmup": 1, "steps": 1},
+          "speed": {"seq_len": 512, "batch": 8, "warmup": 2, "steps": 5}}
 
 
 def import_baseline_gib(env: dict) -> float:
@@ -68,15 +73,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=("memory", "speed"))
     ap.add_argument("--flavor", default="debugmodel")
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, help="steps left out (default: 1 for memory, 2 for speed)")
+    ap.add_argument("--steps", type=int, help="steps measured (default: 1 for memory, 5 for speed)")
     ap.add_argument("--timeout", type=int, default=1200)
     ap.add_argument("--first", type=int, default=0, help="only the first N layouts (a smoke test)")
+    ap.add_argument("--repeats", type=int, default=2, help="speed: runs of each layout (the median counts)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "plan_check.json"))
     args = ap.parse_args()
     shape = SHAPES[args.what]
     bench_args = argparse.Namespace(flavor=args.flavor, seq_len=shape["seq_len"], batch=shape["batch"],
-                                    warmup=args.warmup, steps=args.steps, dtype="float32", threads=0,
+                                    warmup=shape["warmup"] if args.warmup is None else args.warmup,
+                                    steps=args.steps or shape["steps"], dtype="float32", threads=0,
                                     timeout=args.timeout)
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     env.update(PYTHONPATH=str(ROOT), LOG_RANK="0")
@@ -89,22 +96,35 @@ def main() -> None:
               "--training.seq_len", str(shape["seq_len"]), "--training.mixed_precision_param", "float32",
               "--training.dataset", "synthetic"]
     baseline = import_baseline_gib(env) if args.what == "memory" else 0.0
+    if args.what == "speed":  # calibrate the CPU profile now, in the conditions the layouts then run in
+        print(json.dumps(dataclasses.asdict(cpu_profile(4, measure=True))), file=sys.stderr, flush=True)
     rows = []
-    layouts = MEMORY_LAYOUTS if args.what == "memory" else SPEED_LAYOUTS
-    for layout in layouts[:args.first or None]:
-        layout = dataclasses.replace(layout, local_batch=shape["batch"])
+    layouts = [dataclasses.replace(lay, local_batch=shape["batch"])
+               for lay in (MEMORY_LAYOUTS if args.what == "memory" else SPEED_LAYOUTS)[:args.first or None]]
+    # Repeats go round the layouts (A B C ... A B C ...), so that a change in the machine's load touches them all.
+    runs = {lay: [] for lay in layouts}
+    for _ in range(args.repeats if args.what == "speed" else 1):
+        for layout in layouts:
+            ranks = layout.dp_replicate * layout.dp_shard * layout.cp * layout.tp * layout.pp
+            overrides = {**layout.overrides(), "training.dataset": "synthetic"}
+            if not any("skipped" in r for r in runs[layout]):
+                runs[layout].append(bench_layout(layout.describe(), ranks, overrides, bench_args, env))
+                print(json.dumps({k: v for k, v in runs[layout][-1].items() if k != "command"}), file=sys.stderr,
+                      flush=True)
+    for layout, results in runs.items():
         ranks = layout.dp_replicate * layout.dp_shard * layout.cp * layout.tp * layout.pp
         cfg = load_config([*common, "--training.local_batch_size", str(shape["batch"])])
         est = Planner(cfg, ranks, "cpu", ranks).estimate(layout)
-        overrides = {**layout.overrides(), "training.dataset": "synthetic"}
-        res = bench_layout(layout.describe(), ranks, overrides, bench_args, env)
-        row = {**res, "layout": f"{layout.describe()} {layout.schedule} AC {layout.ac_mode}".replace("  ", " "),
-               "predicted_gib": est.memory["total"] / GiB, "predicted_tokens_per_s": est.tokens_per_second * ranks}
-        if "skipped" not in res:
-            row["measured_gib"] = max(res["memory_gib_per_rank"]) - baseline
-            row["measured_tokens_per_s"] = res["global_tokens_per_step"] / res["step_time_median_s"]
+        name = f"{layout.describe()} {layout.schedule} AC {layout.ac_mode}".replace("  ", " ")
+        row = {**results[-1], "layout": name,
+               "predicted_gib": est.memory["total"] / GiB, "predicted_tokens_per_s": est.tokens_per_second * ranks,
+               "predicted_seconds": est.seconds}
+        if "skipped" not in row:
+            row["measured_gib"] = max(max(r["memory_gib_per_rank"]) for r in results) - baseline
+            row["measured_tokens_per_s"] = statistics.median(r["global_tokens_per_step"] / r["step_time_median_s"]
+                                                             for r in results)
+            row["measured_tokens_per_s_all"] = [r["global_tokens_per_step"] / r["step_time_median_s"] for r in results]
         rows.append(row)
-        print(json.dumps({k: v for k, v in row.items() if k != "command"}), file=sys.stderr, flush=True)
     done = [r for r in rows if "skipped" not in r]
     if args.what == "memory":
         print(f"import baseline {baseline:.2f} GiB (subtracted from every measured peak)\n")

@@ -18,6 +18,11 @@ Per optimizer step on the slowest rank:
   interleaved schedules, a third of the 1F1B bubble for the zero-bubble ones; plus the sends between stages.
 - optimizer: AdamW streams ~32 bytes per local parameter through memory.
 - on a device whose collectives take the same cores as compute (CPU), nothing overlaps.
+- framework: the device profile's measured seconds per block (forward and backward, per microbatch, times the
+  recompute) of Python and autograd, and what FSDP, TP (DTensor) and CP (the ring) add to it; zero on a GPU.
+- more ranks than cores (CPU): everything but the matmuls (whose peak the profile already shares among the ranks)
+  takes `oversubscription` times longer, and the bubble shows only where one rank's path, at a whole core's speed,
+  is longer than all ranks' work over the cores.
 
 Ring collectives: an all-gather or reduce-scatter of B bytes over n ranks moves B (n - 1) / n per rank, an
 all-reduce twice that, and each costs (n - 1) x the device's collective latency besides. A group crosses nodes when
@@ -101,16 +106,30 @@ def step_seconds(s: StepShape, dev: DeviceProfile, gpus_per_node: int) -> dict[s
         * s.microbatches * s.recompute
     kv_bytes = 2 * mb_tokens * s.kv_dim / s.tp * s.act_bytes
     cp = ring(3 * s.n_layers_rank * s.cp * kv_bytes, s.cp, s.tp, 3 * s.n_layers_rank) * s.microbatches
+    # The framework's own cost per block (zero on a GPU, where it hides under the kernels): forward and backward of
+    # every microbatch, recomputed forward included.
+    framework = (dev.block_overhead + (dev.fsdp_block_overhead if fsdp_n > 1 else 0.0)
+                 + (dev.tp_block_overhead if s.tp > 1 else 0.0) + (dev.cp_block_overhead if s.cp > 1 else 0.0)) \
+        * s.n_layers_rank * s.microbatches * s.recompute
     pp = bubble = 0.0
     if s.pp > 1:
-        bubble = (compute + tp + cp) * (s.pp - 1) / (s.microbatches * s.stages_per_rank) * BUBBLE_SCALE[s.schedule]
         # each stage sends its output forward and receives its gradient back, per microbatch
         sends = 2 * s.stages_per_rank * s.microbatches
         pp = sends * (mb_tokens * s.dim * s.act_bytes / dev.inter_node_bandwidth + dev.collective_latency)
-    per_batch = compute + fsdp_exposed + replicate + tp + cp + pp
+    # Ranks that time-share cores (CPU) stretch the CPU work besides the matmuls (whose peak is already shared).
+    o = dev.oversubscription
+    per_batch = compute + o * fsdp_exposed + o * replicate + o * tp + o * cp + o * pp + o * framework
+    if s.pp > 1:
+        staged = compute + o * tp + o * cp + o * framework  # the work that waits on the stage before
+        bubble = staged * (s.pp - 1) / (s.microbatches * s.stages_per_rank) * BUBBLE_SCALE[s.schedule]
+        # A rank idle in the bubble leaves its core to the others: with more ranks than cores the step takes
+        # max(all ranks' work over the cores, one rank's path at a whole core's speed).
+        if o > 1:
+            bubble = max(0.0, (per_batch + bubble) / o - per_batch)
     optimizer = 32 * s.local_params / dev.memory_bandwidth
-    parts = {"compute": compute * s.accum_steps, "fsdp": fsdp_exposed * s.accum_steps,
-             "replicate": replicate * s.accum_steps, "tp": tp * s.accum_steps, "cp": cp * s.accum_steps,
-             "pp": pp * s.accum_steps, "bubble": bubble * s.accum_steps, "optimizer": optimizer}
+    k = s.accum_steps * o
+    parts = {"compute": compute * s.accum_steps, "fsdp": fsdp_exposed * k, "replicate": replicate * k,
+             "tp": tp * k, "cp": cp * k, "pp": pp * k, "framework": framework * k, "bubble": bubble * s.accum_steps,
+             "optimizer": optimizer}
     parts["total"] = (per_batch + bubble) * s.accum_steps + optimizer
     return parts

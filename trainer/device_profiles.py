@@ -5,21 +5,21 @@ GPU figures are vendors' datasheet numbers: dense bf16 peaks from trainer.metric
 torch.cuda.get_device_properties reports it, HBM bandwidth, per-GPU NVLink / Infinity Fabric bandwidth in one
 direction and a 400 Gb/s NIC per GPU between nodes. Bus bandwidths are scaled by an efficiency that NCCL's own
 all-gather / reduce-scatter tests reach on such nodes (~80% of the link). `cpu` is measured on this machine: the
-matmul peak with every core (trainer.metrics, cached) and the bandwidth of a gloo all-reduce between two local
-processes, cached beside it.
+matmul peak with every core (trainer.metrics.cpu_peak_flops, cached), and by trainer.cpu_calibration a gloo
+all-reduce's bandwidth and latency between two local processes and the framework's cost per block (plain, FSDP,
+TP, CP), cached beside it; with more ranks than cores they time-share the cores (oversubscription).
 """
 
 import json
 import os
 import platform
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from trainer.metrics import GPU_PEAK_FLOPS, peak_flops
+from trainer.cpu_calibration import measure as measure_cpu
+from trainer.metrics import GPU_PEAK_FLOPS, cpu_peak_flops
 
 GB, GiB = 1e9, 2**30
 _LINK_EFFICIENCY = 0.8
@@ -47,6 +47,18 @@ class DeviceProfile:
     gloo's copies and reductions compete with the matmuls), so that nothing hides behind compute."""
     overhead_bytes: int
     """Memory a rank uses beyond its tensors: allocator slack, cuBLAS/NCCL workspaces in the caching allocator."""
+    block_overhead: float = 0.0
+    """Seconds of one block's forward and backward that are framework, not compute (Python, autograd), per
+    microbatch: measured on CPU (trainer.cpu_calibration); on a GPU it hides under the kernels."""
+    fsdp_block_overhead: float = 0.0
+    """What FSDP adds to block_overhead (hooks, copy-in/out, its small collectives' waits)."""
+    tp_block_overhead: float = 0.0
+    """What tensor parallel adds to it (DTensor dispatch, redistributions)."""
+    cp_block_overhead: float = 0.0
+    """What context parallel adds to it (the ring's rounds, the merge of partial attention outputs)."""
+    oversubscription: float = 1.0
+    """Ranks per core (CPU, more ranks than cores): the ranks time-share the cores, so work done on the CPU (the
+    framework, gloo's copies) takes that much longer, and a rank's idle time (the pipeline bubble) is another's."""
 
 
 def _gpu(name: str, torch_name: str, memory_gib: float, hbm_tb_s: float, link_gb_s: float, nic_gb_s: float = 50,
@@ -72,71 +84,47 @@ def _cache_path() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "trainer" / "cpu_planner_profile.json"
 
 
-_ALLREDUCE_PROBE = """
-import os, sys, time, torch, torch.distributed as dist
-rank = int(sys.argv[1])
-dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + sys.argv[2], rank=rank, world_size=2)
-x = torch.ones(4 * 2**20)  # 16 MiB
-dist.all_reduce(x)
-best = float("inf")
-for _ in range(5):
-    dist.barrier(); start = time.perf_counter(); dist.all_reduce(x); best = min(best, time.perf_counter() - start)
-tiny, latency = torch.ones(1), float("inf")
-for _ in range(20):
-    dist.barrier(); start = time.perf_counter(); dist.all_reduce(tiny)
-    latency = min(latency, time.perf_counter() - start)
-if rank == 0:
-    print(x.numel() * 4 / best, latency)  # a 2-rank ring all-reduce sends each rank's whole buffer once
-dist.destroy_process_group()
-"""
+_CALIBRATED = {"gloo_bandwidth", "gloo_latency", "block_overhead", "fsdp_block_overhead", "tp_block_overhead",
+               "cp_block_overhead", "oversubscribed_ranks", "oversubscribed_sync"}
 
 
-def _measure_gloo() -> tuple[float, float]:
-    """(bytes/s one rank moves in a 16 MiB gloo all-reduce, seconds of a 1-element one) between two processes on
-    this machine, best of several."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, "-c", _ALLREDUCE_PROBE, str(r), port], stdout=subprocess.PIPE,
-                              text=True, env=env) for r in range(2)]
-    out = [p.communicate(timeout=120)[0] for p in procs]
-    bandwidth, latency = map(float, out[0].split())
-    return bandwidth, latency
+def cpu_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def cpu_profile(world_size: int) -> DeviceProfile:
-    """This machine, its cores and RAM shared by `world_size` ranks (as run_train.sh shares them)."""
+def cpu_profile(world_size: int, measure: bool = False) -> DeviceProfile:
+    """This machine, its cores and RAM shared by `world_size` ranks (as run_train.sh shares them). The matmul peak is
+    trainer.metrics' (one cache for MFU and the planner); gloo and the framework's costs per block are measured once
+    (trainer.cpu_calibration) and cached in ~/.cache/trainer/cpu_planner_profile.json; `measure`: again now (the
+    peak keeps its highest measurement, see cpu_peak_flops)."""
     cache = _cache_path()
-    key = f"{platform.processor() or platform.machine()}|{os.cpu_count()}"
+    key = f"{platform.processor() or platform.machine()}|{os.cpu_count()}|{torch.__version__}"
     try:
         table = json.loads(cache.read_text())
     except (OSError, ValueError):
         table = {}
-    if key not in table:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(os.cpu_count() or 1)
-        try:
-            peak = peak_flops(torch.device("cpu"), torch.float32, 0)
-        finally:
-            torch.set_num_threads(threads)
-        bandwidth, latency = _measure_gloo()
-        table[key] = {"peak_flops": peak, "gloo_bandwidth": bandwidth, "gloo_latency": latency}
+    if measure or not _CALIBRATED <= table.get(key, {}).keys():  # not yet, or by an older version
+        table[key] = measure_cpu()
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)
             cache.write_text(json.dumps(table, indent=1))
         except OSError:
             pass
     measured = table[key]
+    cores = cpu_cores()
+    peak = cpu_peak_flops(torch.float32, cores, measure)
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     # achievable 0.5: a training step's matmuls on CPU are smaller than the 1024^2 product the peak is timed on.
-    # overhead: a training process of a tiny model (benchmodel, seq 16) peaks 0.12 GiB above one that only imported
-    # the trainer (measured with run_train.sh on this machine): gloo, data loader, metrics writers.
-    return DeviceProfile("cpu", ram // world_size, measured["peak_flops"] / world_size, 0.5, 10 * GB,
-                         measured["gloo_bandwidth"], measured["gloo_bandwidth"], measured["gloo_latency"],
-                         False, int(0.12 * GiB))
+    # overhead: a training process of a tiny model (benchmodel, seq 16, 4.4M parameters) peaks 0.12 GiB (1 rank) /
+    # 0.09 GiB (2 ranks) above one that only imported the trainer, of which 0.066 / 0.033 GiB are its parameters,
+    # gradients and AdamW state: 0.06 GiB is the process's own (gloo, data loader, metrics writers).
+    latency = measured["gloo_latency"]
+    if world_size > cores:  # a collective waits for its ranks to be scheduled: per hop of a ring, as priced
+        latency = max(latency, measured["oversubscribed_sync"] / (measured["oversubscribed_ranks"] - 1))
+    return DeviceProfile("cpu", ram // world_size, peak / world_size, 0.5, 10 * GB,
+                         measured["gloo_bandwidth"], measured["gloo_bandwidth"], latency,
+                         False, int(0.06 * GiB), measured["block_overhead"], measured["fsdp_block_overhead"],
+                         measured["tp_block_overhead"], measured["cp_block_overhead"], max(1.0, world_size / cores))
 
 
 def device_profile(name: str, world_size: int) -> DeviceProfile:

@@ -40,23 +40,33 @@ def _warn_once(key: str, message: str) -> None:
         warnings.warn(message, stacklevel=3)
 
 
-def _cpu_peak_flops(dtype: torch.dtype) -> float:
-    """Measured matmul FLOP/s with this process's threads, cached per CPU model, thread count and dtype."""
+def cpu_peak_flops(dtype: torch.dtype, threads: int = 0, measure: bool = False) -> float:
+    """Matmul FLOP/s of this machine's CPU with `threads` threads (0: this process's), cached per CPU model, core
+    count, thread count and dtype in ~/.cache/trainer/cpu_peak_flops.json; measured when not cached, or again when
+    `measure`. The cache keeps the highest measurement: one taken while other processes load the cores is low (and
+    would make MFU exceed 100%, so not reported), and a later one on a quiet machine replaces it. The one
+    measurement behind MFU (trainer.metrics) and the planner's CPU profile (trainer.device_profiles)."""
+    previous = torch.get_num_threads()
+    threads = threads or previous
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "trainer" / "cpu_peak_flops.json"
-    key = f"{platform.processor() or platform.machine()}|{os.cpu_count()}|{torch.get_num_threads()}|{dtype}"
+    key = f"{platform.processor() or platform.machine()}|{os.cpu_count()}|{threads}|{dtype}"
     try:
         table = json.loads(cache.read_text())
     except (OSError, ValueError):
         table = {}
-    if key not in table:
+    if key not in table or measure:
         n = 1024
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        torch.mm(a, b)  # warm-up
-        reps, start = 0, time.perf_counter()
-        while time.perf_counter() - start < 0.3:
-            torch.mm(a, b)
-            reps += 1
-        table[key] = 2 * n**3 * reps / (time.perf_counter() - start)
+        torch.set_num_threads(threads)
+        try:
+            a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+            torch.mm(a, b)  # warm-up
+            reps, start = 0, time.perf_counter()
+            while time.perf_counter() - start < 0.3:
+                torch.mm(a, b)
+                reps += 1
+            table[key] = max(table.get(key, 0.0), 2 * n**3 * reps / (time.perf_counter() - start))
+        finally:
+            torch.set_num_threads(previous)
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache.with_suffix(f".{os.getpid()}.tmp")
@@ -90,7 +100,7 @@ def peak_flops(device: torch.device, dtype: torch.dtype, override: float) -> flo
             _warn_once(name, f"metrics: no peak FLOP/s known for GPU {name!r}, so MFU is not reported; set "
                              f"metrics.peak_flops to its dense {str(dtype).removeprefix('torch.')} peak")
         return peak
-    return _cpu_peak_flops(dtype)
+    return cpu_peak_flops(dtype)
 
 
 def mfu_percent(flops: float, peak: float | None) -> float | None:

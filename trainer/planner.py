@@ -194,7 +194,9 @@ class Planner:
         recompute = block if checkpointed and n_layers else 0
         saved = in_flight * (kept - recompute)
         logits = tokens * args.vocab_size // (layout.tp if loss_parallel else 1) if output else 0
-        at_loss = logits * (pbytes + 4 + 8 + (pbytes if pbytes < 4 else 0))
+        # bf16: the logits, their fp32 copy, two fp32 gradients and the gradient cast back, 16 bytes per logit. fp32:
+        # .float() is the logits themselves, 12 bytes (a 1-rank AC-full run at seq 2048 peaks at 12, not 16).
+        at_loss = logits * (pbytes + 8 + (4 + pbytes if pbytes < 4 else 0))
         in_block = recompute + logits * pbytes
         return int(saved + max(at_loss, in_block))
 

@@ -177,14 +177,47 @@ def test_activation_memory_against_a_counted_step_on_fake_tensors(ac):
 
 
 def test_cpu_profile_is_measured_once_and_cached(monkeypatch, tmp_path):
-    from trainer import device_profiles
+    from trainer import device_profiles, metrics
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    profile = device_profiles.cpu_profile(2)
-    assert profile.peak_flops > 0 and profile.intra_node_bandwidth > 0 and 0 < profile.collective_latency < 1
-    assert not profile.overlaps_comm
-    cached = json.loads((tmp_path / "trainer" / "cpu_planner_profile.json").read_text())
-    (entry,) = cached.values()
-    assert entry["peak_flops"] == 2 * profile.peak_flops  # the machine's peak, shared by the ranks
-    monkeypatch.setattr(device_profiles, "_measure_gloo", lambda: pytest.fail("measured again"))
-    assert device_profiles.cpu_profile(4).peak_flops == entry["peak_flops"] / 4
+    figures = {"gloo_bandwidth": 1e9, "gloo_latency": 5e-5, "block_overhead": 2e-3, "fsdp_block_overhead": 1e-3,
+               "tp_block_overhead": 4e-3, "cp_block_overhead": 3e-3, "oversubscribed_ranks": 4,
+               "oversubscribed_sync": 3e-3}
+    monkeypatch.setattr(device_profiles, "measure_cpu", lambda: figures)
+    cores = device_profiles.cpu_cores()
+    profile = device_profiles.cpu_profile(2 * cores)
+    assert not profile.overlaps_comm and profile.oversubscription == 2 and profile.tp_block_overhead == 4e-3
+    assert profile.collective_latency == 1e-3  # oversubscribed: the measured wait of a 4-rank collective, per hop
+    # The matmul peak is the one MFU uses (trainer.metrics' cache), shared by the ranks; not cached twice.
+    assert profile.peak_flops == metrics.cpu_peak_flops(torch.float32, cores) / (2 * cores)
+    (entry,) = json.loads((tmp_path / "trainer" / "cpu_planner_profile.json").read_text()).values()
+    assert entry == figures
+    monkeypatch.setattr(device_profiles, "measure_cpu", lambda: pytest.fail("measured again"))
+    one = device_profiles.cpu_profile(1)
+    assert one.oversubscription == 1 and one.collective_latency == 5e-5
+
+
+def test_cpu_peak_cache_keeps_the_highest_measurement(monkeypatch, tmp_path):
+    """A peak measured while the machine is loaded must not stay: MFU above 100% of it is not reported."""
+    from trainer import metrics
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    measured = metrics.cpu_peak_flops(torch.float32, 1)
+    cache = tmp_path / "trainer" / "cpu_peak_flops.json"
+    (key,) = json.loads(cache.read_text())
+    cache.write_text(json.dumps({key: measured / 100}))  # as if measured under heavy load
+    assert metrics.cpu_peak_flops(torch.float32, 1) == measured / 100  # cached: not measured again
+    assert metrics.cpu_peak_flops(torch.float32, 1, measure=True) > measured / 100  # a new measurement replaces it
+    cache.write_text(json.dumps({key: measured * 100}))
+    assert metrics.cpu_peak_flops(torch.float32, 1, measure=True) == measured * 100  # a lower one does not
+
+
+@pytest.mark.slow
+def test_cpu_calibration_probe():
+    """The real probe: two gloo processes running the debug model at 8 tokens in each layout."""
+    from trainer.cpu_calibration import measure
+
+    figures = measure()
+    assert figures["gloo_bandwidth"] > 0 and 0 < figures["gloo_latency"] < 1 and figures["block_overhead"] > 0
+    assert all(figures[f"{n}_block_overhead"] >= 0 for n in ("fsdp", "tp", "cp"))
+    assert figures["oversubscribed_ranks"] >= 4 and figures["oversubscribed_sync"] >= 0
