@@ -48,6 +48,10 @@ LAYOUTS = {
     "PP pp=2 Interleaved1F1B": (2, {P + "pipeline_parallel_degree": 2, P + "data_parallel_shard_degree": 1,
                                     P + "pipeline_parallel_schedule": "Interleaved1F1B"}),
     "CP cp=2": (2, {P + "context_parallel_degree": 2, P + "data_parallel_shard_degree": 1}),
+    "DDP+TP 2x2": (4, {P + "data_parallel_replicate_degree": 2, P + "data_parallel_shard_degree": 1,
+                       P + "tensor_parallel_degree": 2}),
+    "TP+PP 2x2 1F1B": (4, {P + "tensor_parallel_degree": 2, P + "pipeline_parallel_degree": 2,
+                           P + "data_parallel_shard_degree": 1, P + "pipeline_parallel_schedule": "1F1B"}),
 }
 QUICK = ["1 process", "FSDP dp_shard=2", "DDP dp_replicate=2", "TP tp=2", "PP pp=2 1F1B", "CP cp=2"]
 
@@ -101,16 +105,21 @@ def read_scalars(run_dir: Path) -> dict[int, dict[str, list[tuple[int, float]]]]
     return out
 
 
+def layout_flags(args, dump: str, overrides: dict, extra: dict) -> dict:
+    """The trainer flags of one layout on the benchmark model: shape and steps from `args`, then `extra` (metrics,
+    profiling), then the layout's `overrides`."""
+    return {"model.flavor": args.flavor, "training.seq_len": args.seq_len, "training.local_batch_size": args.batch,
+            "training.steps": args.warmup + args.steps, "training.mixed_precision_param": args.dtype,
+            "job.dump_folder": dump, "lr_scheduler.warmup_steps": 2, **extra, **overrides}
+
+
 def bench_layout(name: str, ranks: int, overrides: dict, args, env_base: dict,
                  launcher: list[str] | None = None) -> dict:
     """One repeat of one layout through run_train.sh (or `launcher`, e.g. `python -m trainer.train --job.config_file
     ...` for one process without torchrun); figures after the warm-up steps."""
     with tempfile.TemporaryDirectory() as dump:
-        flags = {"model.flavor": args.flavor, "training.seq_len": args.seq_len,
-                 "training.local_batch_size": args.batch, "training.steps": args.warmup + args.steps,
-                 "training.mixed_precision_param": args.dtype, "metrics.log_freq": 1,
-                 "metrics.enable_tensorboard": "true", "metrics.save_for_all_ranks": "true",
-                 "job.dump_folder": dump, "lr_scheduler.warmup_steps": 2, **overrides}
+        flags = layout_flags(args, dump, overrides, {"metrics.log_freq": 1, "metrics.enable_tensorboard": "true",
+                                                     "metrics.save_for_all_ranks": "true"})
         cli = [a for k, v in flags.items() for a in (f"--{k}", str(v))]
         threads = args.threads or max(1, (os.cpu_count() or 1) // ranks)
         env = {**env_base, "NGPU": str(ranks), "OMP_NUM_THREADS": str(threads)}
