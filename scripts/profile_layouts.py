@@ -16,8 +16,8 @@ Collectives are also totalled as run on the gloo threads (overlapped or not): co
 Figures are medians over ranks of the mean over recorded steps. On a loaded machine they vary from run to run:
 compare layouts within one run.
 
-    python scripts/profile_layouts.py --layouts "DDP dp_replicate=2" "TP tp=2"   # a subset, a few minutes
-    python scripts/profile_layouts.py                                           # the grid -> benchmarks/profile.{md,json}
+    python scripts/profile_layouts.py --layouts "DDP dp_replicate=2" "TP tp=2"   # a subset, about a minute
+    python scripts/profile_layouts.py              # the whole grid -> benchmarks/profile.{md,json}
 """
 
 import argparse
@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench import LAYOUTS, ROOT, layout_flags, run_measured  # noqa: E402
+from bench import LAYOUTS, METRICS, ROOT, add_set_option, layout_flags, run_measured  # noqa: E402
 
 DTYPE_BYTES = {"float": 4, "c10::BFloat16": 2, "c10::Half": 2, "double": 8, "long int": 8, "int": 4,
                "unsigned char": 1, "bool": 1, "c10::Float8_e4m3fn": 1}
@@ -139,6 +139,11 @@ def split_step(trace: dict, window: tuple[float, float], idle_share: dict[int, f
              "framework": (sum(b - a for a, b in framework) - fw_wait) / 1e3,
              "host": (sum(b - a for a, b in gaps) - gap_wait) / 1e3,
              "collectives": (exposed - idle_part) / 1e3, "idle": idle_part / 1e3, "step": (hi - lo) / 1e3}
+    parts.update({f"span:{e['name'].removeprefix('trainer::')}": 0.0 for e in trace["main"]
+                  if e["name"].startswith("trainer::")})
+    for e in trace["main"]:
+        if e["name"].startswith("trainer::") and lo <= e["ts"] < hi:
+            parts[f"span:{e['name'].removeprefix('trainer::')}"] += e["dur"] / 1e3
     return {"parts": parts, "kinds": kinds}
 
 
@@ -176,8 +181,8 @@ def profile_layout(name: str, args, env_base: dict) -> dict:
     ranks, overrides = LAYOUTS[name]
     total = args.warmup + args.steps
     with tempfile.TemporaryDirectory() as dump:
-        flags = layout_flags(args, dump, overrides, {
-            "metrics.log_freq": total, "profiling.enable_profiling": "true", "profiling.profile_freq": total,
+        flags = layout_flags(args, dump, overrides, {  # metrics as bench.py's: their cost is part of its step
+            **METRICS, "profiling.enable_profiling": "true", "profiling.profile_freq": total,
             "profiling.profiler_warmup": min(2, args.warmup), "profiling.profiler_active": args.steps})
         cli = [a for k, v in flags.items() for a in (f"--{k}", str(v))]
         threads = args.threads or max(1, (os.cpu_count() or 1) // ranks)
@@ -195,20 +200,22 @@ def profile_layout(name: str, args, env_base: dict) -> dict:
     per_rank = []
     for t, share in zip(traces, shares):
         splits = [split_step(t, w, share) for w in t["steps"]]
-        parts = {k: statistics.mean(s["parts"][k] for s in splits) for k in (*PARTS, "step")}
+        parts = {k: statistics.mean(s["parts"].get(k, 0.0) for s in splits) for k in splits[0]["parts"]}
         kinds: dict[str, dict] = defaultdict(lambda: {"count": 0, "mb": 0.0, "ms": 0.0})
         for s in splits:
             for kind, v in s["kinds"].items():
                 for f in ("count", "mb", "ms"):
                     kinds[kind][f] += v[f] / len(splits)
         per_rank.append({"parts": parts, "kinds": dict(kinds)})
-    median = {k: statistics.median(r["parts"][k] for r in per_rank) for k in (*PARTS, "step")}
+    median = {k: statistics.median(r["parts"].get(k, 0.0) for r in per_rank) for k in per_rank[0]["parts"]}
     kinds = {}
     for kind in sorted({k for r in per_rank for k in r["kinds"]}):
         kinds[kind] = {f: statistics.median(r["kinds"].get(kind, {}).get(f, 0.0) for r in per_rank)
                        for f in ("count", "mb", "ms")}
     return {"layout": name, "ranks": ranks, "threads_per_rank": threads, "step_ms": median["step"],
-            "parts_ms": {k: median[k] for k in PARTS}, "collectives": kinds, "per_rank": per_rank,
+            "parts_ms": {k: median[k] for k in PARTS}, "collectives": kinds,
+            "spans_ms": {k.removeprefix("span:"): v for k, v in median.items() if k.startswith("span:")},
+            "per_rank": per_rank,
             "busy_fraction": busy, "wall_s": wall, "command": command}
 
 
@@ -218,23 +225,29 @@ def write_outputs(rows: list[dict], meta: dict, out_dir: Path) -> None:
     (out_dir / "profile.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = [f"# Step profile: {meta['model']}", "",
              f"{meta['device']}; {meta['date']}; {meta['steps']} recorded steps after {meta['warmup']}, "
-             "torch.profiler on every rank; median over ranks; ms per step (share of the step).", "",
+             "torch.profiler on every rank; median over ranks; ms per step (share of the step)"
+             + "".join(f"; --set {kv}" for kv in meta["set"]) + ".", "",
              "| layout (ranks) | step ms | compute | framework | host/Python | collectives (exposed) | idle | "
-             "collectives run (count × kind, MB, ms) | machine busy |", "|---|---|---|---|---|---|---|---|---|"]
+             "collectives run (count × kind, MB, ms) | grad norm, log ms | machine busy |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "skipped" in r:
-            lines.append(f"| {r['layout']} ({r['ranks']}) | skipped: {r['skipped'][:80]} | | | | | | | |")
+            lines.append(f"| {r['layout']} ({r['ranks']}) | skipped: {r['skipped'][:80]} | | | | | | | | |")
             continue
         cells = [f"{r['parts_ms'][k]:.0f} ({100 * r['parts_ms'][k] / r['step_ms']:.0f}%)" for k in PARTS]
         comms = "; ".join(f"{v['count']:.0f}× {k} {v['mb']:.1f} MB {v['ms']:.0f} ms"
                           for k, v in r["collectives"].items()) or "—"
         busy = f"{100 * r['busy_fraction']:.0f}%" + (" ⚠" if r["busy_fraction"] > 0.1 else "")
-        lines.append(f"| {r['layout']} ({r['ranks']}) | {r['step_ms']:.0f} | {' | '.join(cells)} | {comms} | {busy} |")
+        spans = ", ".join(f"{r['spans_ms'].get(k, 0.0):.1f}" for k in ("grad_norm", "log"))
+        lines.append(f"| {r['layout']} ({r['ranks']}) | {r['step_ms']:.0f} | {' | '.join(cells)} | {comms} | {spans} "
+                     f"| {busy} |")
     lines += ["", "Parts (see scripts/profile_layouts.py): compute = leaf operators; framework = operator time above "
               "the kernels (DTensor dispatch, autograd nodes), FSDP copies and hooks, collective launches; "
               "host/Python = main thread outside operators with no collective running; collectives = main thread "
               "waiting on a running gloo collective; idle = the part of that wait spent on a late peer. The profiler "
-              "itself adds time to every operator. ⚠: other processes used more than 10% of the machine.", "",
+              "itself adds time to every operator. Grad norm, log: the trainer's spans (norm and clipping; the "
+              "logging step's loss all-gather, console line and TensorBoard write), inside the parts. ⚠: other "
+              "processes used more than 10% of the machine.", "",
               "Commands:", ""]
     lines += [f"- {r['layout']}: `{r['command']}`" for r in rows]
     (out_dir / "profile.md").write_text("\n".join(lines) + "\n")
@@ -252,6 +265,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="OMP threads per rank (default: cores / ranks)")
     ap.add_argument("--timeout", type=int, default=600)
     ap.add_argument("--out", default=str(ROOT / "benchmarks"))
+    add_set_option(ap)
     args = ap.parse_args()
     names = args.layouts or list(LAYOUTS)
     unknown = [n for n in names if n not in LAYOUTS]
@@ -266,7 +280,7 @@ def main() -> None:
         print(json.dumps({k: v for k, v in row.items() if k not in ("per_rank", "command")}), flush=True)
     meta = {"model": f"llama3 {args.flavor} (seq {args.seq_len}, micro-batch {args.batch}/dp rank, {args.dtype})",
             "device": f"CPU, {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d %H:%M"),
-            "warmup": args.warmup, "steps": args.steps}
+            "warmup": args.warmup, "steps": args.steps, "set": args.set}
     write_outputs(rows, meta, Path(args.out))
     print((Path(args.out) / "profile.md").read_text())
 

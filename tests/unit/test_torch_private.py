@@ -208,3 +208,11 @@ def test_autograd_cache_switch():
         assert functorch_config.enable_autograd_cache is False
     finally:
         functorch_config.enable_autograd_cache = before
+
+
+def test_composable_replicate():
+    from torch.distributed._composable.replicate import DDP, replicate
+
+    params = inspect.signature(replicate).parameters
+    assert "module" in params and "ignored_modules" in params, f"replicate changed: update replicate_module {params}"
+    assert callable(getattr(DDP, "set_requires_gradient_sync", None)), "replicate lost set_requires_gradient_sync"
