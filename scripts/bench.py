@@ -48,6 +48,10 @@ LAYOUTS = {
     "PP pp=2 Interleaved1F1B": (2, {P + "pipeline_parallel_degree": 2, P + "data_parallel_shard_degree": 1,
                                     P + "pipeline_parallel_schedule": "Interleaved1F1B"}),
     "CP cp=2": (2, {P + "context_parallel_degree": 2, P + "data_parallel_shard_degree": 1}),
+    "DDP+TP 2x2": (4, {P + "data_parallel_replicate_degree": 2, P + "data_parallel_shard_degree": 1,
+                       P + "tensor_parallel_degree": 2}),
+    "TP+PP 2x2 1F1B": (4, {P + "tensor_parallel_degree": 2, P + "pipeline_parallel_degree": 2,
+                           P + "data_parallel_shard_degree": 1, P + "pipeline_parallel_schedule": "1F1B"}),
 }
 QUICK = ["1 process", "FSDP dp_shard=2", "DDP dp_replicate=2", "TP tp=2", "PP pp=2 1F1B", "CP cp=2"]
 
@@ -101,16 +105,31 @@ def read_scalars(run_dir: Path) -> dict[int, dict[str, list[tuple[int, float]]]]
     return out
 
 
+# Every step logged, TensorBoard on every rank: the figures are read back from there.
+METRICS = {"metrics.log_freq": 1, "metrics.enable_tensorboard": "true", "metrics.save_for_all_ranks": "true"}
+
+
+def add_set_option(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a trainer config override for every layout, e.g. "
+                         "--set parallelism.fsdp_reshard_after_forward=never (repeatable)")
+
+
+def layout_flags(args, dump: str, overrides: dict, extra: dict) -> dict:
+    """The trainer flags of one layout on the benchmark model: shape and steps from `args`, then `extra` (metrics,
+    profiling), then the layout's `overrides`, then every --set."""
+    sets = dict(kv.split("=", 1) for kv in getattr(args, "set", []))
+    return {"model.flavor": args.flavor, "training.seq_len": args.seq_len, "training.local_batch_size": args.batch,
+            "training.steps": args.warmup + args.steps, "training.mixed_precision_param": args.dtype,
+            "job.dump_folder": dump, "lr_scheduler.warmup_steps": 2, **extra, **overrides, **sets}
+
+
 def bench_layout(name: str, ranks: int, overrides: dict, args, env_base: dict,
                  launcher: list[str] | None = None) -> dict:
     """One repeat of one layout through run_train.sh (or `launcher`, e.g. `python -m trainer.train --job.config_file
     ...` for one process without torchrun); figures after the warm-up steps."""
     with tempfile.TemporaryDirectory() as dump:
-        flags = {"model.flavor": args.flavor, "training.seq_len": args.seq_len,
-                 "training.local_batch_size": args.batch, "training.steps": args.warmup + args.steps,
-                 "training.mixed_precision_param": args.dtype, "metrics.log_freq": 1,
-                 "metrics.enable_tensorboard": "true", "metrics.save_for_all_ranks": "true",
-                 "job.dump_folder": dump, "lr_scheduler.warmup_steps": 2, **overrides}
+        flags = layout_flags(args, dump, overrides, METRICS)
         cli = [a for k, v in flags.items() for a in (f"--{k}", str(v))]
         threads = args.threads or max(1, (os.cpu_count() or 1) // ranks)
         env = {**env_base, "NGPU": str(ranks), "OMP_NUM_THREADS": str(threads)}
@@ -185,7 +204,8 @@ def write_outputs(rows: list[dict], meta: dict, out_dir: Path) -> None:
     lines = [f"# Benchmark: {meta['model']}", "",
              f"{meta['device']}; {meta['date']}; peak {meta['peak_tflops'] or float('nan'):.3f} TFLOP/s "
              f"({meta['peak_note']}); "
-             f"{meta['warmup']} warm-up + {meta['steps']} measured steps, {meta['repeats']} repeat(s).", "",
+             f"{meta['warmup']} warm-up + {meta['steps']} measured steps, {meta['repeats']} repeat(s)"
+             + "".join(f"; --set {kv}" for kv in meta.get("set", [])) + ".", "",
              "| ranks | layout | tokens/s (min–max) | tokens/s/rank | step time ms (min–max) | memory/rank GiB | "
              "efficiency | MFU | machine busy |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -243,6 +263,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="OMP threads per rank (default: cores / ranks)")
     ap.add_argument("--timeout", type=int, default=600)
     ap.add_argument("--out", default=str(ROOT / "benchmarks"))
+    add_set_option(ap)
     args = ap.parse_args()
     names = args.layouts or (QUICK if args.quick else list(LAYOUTS))
     repeats = 1 if args.quick else args.repeats
@@ -280,7 +301,7 @@ def main() -> None:
     meta = {"model": f"llama3 {args.flavor} (seq {args.seq_len}, micro-batch {args.batch}/dp rank, {args.dtype})",
             "device": device, "date": time.strftime("%Y-%m-%d %H:%M"), "peak_tflops": peak / 1e12 if peak else None,
             "peak_note": note, "warmup": args.warmup, "steps": args.steps, "repeats": repeats,
-            "flops_per_token": fpt, "raw": raw, "plain_raw": plain}
+            "flops_per_token": fpt, "set": args.set, "raw": raw, "plain_raw": plain}
     write_outputs(rows, meta, Path(args.out))
     print((Path(args.out) / "results.md").read_text())
 

@@ -29,6 +29,7 @@ from trainer.optim_in_backward import check_early_step
 from trainer.parallel import parallelize
 from trainer.parallel.compile import check_compile_supported
 from trainer.parallel.context_parallel import cp_context
+from trainer.parallel.ddp import set_gradient_sync
 from trainer.parallel.fsdp import check_cpu_offload
 from trainer.parallel.pipeline import Pipeline, PipelinePlan, build_pipeline, plan_pipeline
 from trainer.parallel.tensor_parallel import apply_tensor_parallel, loss_context
@@ -183,7 +184,7 @@ def plan_run(cfg: JobConfig, world_size: int, device_type: str) -> RunPlan:
     check_validation_layout(cfg, dims)
     check_cpu_offload(cfg.training.enable_cpu_offload, dims.fsdp_enabled)
     accum = gradient_accumulation_steps(cfg, dims.dp)
-    check_early_step(cfg, accum)
+    check_early_step(cfg, accum, dims.ddp_enabled)
     pp_plan = (plan_pipeline(cfg.parallelism, cfg.training.local_batch_size, model_args.n_layers)
                if dims.pp > 1 else None)
     param_dtype = resolve_param_dtype(cfg.training.mixed_precision_param, device_type, cfg.training.dtype)
@@ -277,6 +278,14 @@ class ModelParts:
         stack.enter_context(cp_context(self._cp_mesh, self.parts, inputs, labels))
         stack.enter_context(loss_context(self.dims.loss_parallel_enabled))
         return stack
+
+    def set_gradient_sync(self, enabled: bool) -> None:
+        """Under DDP, whether the next backward all-reduces the gradients (call before each micro-batch's forward:
+        off for all but the last of a step). FSDP keeps reducing every micro-batch: holding unsharded gradients
+        until the last would cost a whole model's gradients in memory."""
+        if self.dims.ddp_enabled:
+            for part in self.parts:
+                set_gradient_sync(part, enabled)
 
     def train(self, mode: bool = True) -> None:
         for part in self.parts:

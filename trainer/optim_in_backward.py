@@ -19,8 +19,15 @@ from trainer.config import ConfigError, JobConfig
 from trainer.optim import local_squares, norm_group, total_norm
 
 
-def check_early_step(cfg: JobConfig, accum_steps: int) -> None:
-    """What optimizer.early_step_in_backward cannot compose with (config-only conflicts are in validate())."""
+def check_early_step(cfg: JobConfig, accum_steps: int, ddp: bool = False) -> None:
+    """What optimizer.early_step_in_backward cannot compose with (config-only conflicts are in validate()). `ddp`:
+    the layout replicates with DDP, whose all-reduce runs after the hooks that would step each parameter."""
+    if cfg.optimizer.early_step_in_backward and ddp:
+        raise ConfigError(f"optimizer.early_step_in_backward = true with pure replication "
+                          f"(parallelism.data_parallel_replicate_degree = "
+                          f"{cfg.parallelism.data_parallel_replicate_degree}, run by DDP): each parameter would step "
+                          f"before its gradient is averaged; shard instead (data_parallel_shard_degree > 1, "
+                          f"replicate degree 1), or early_step_in_backward = false")
     if cfg.optimizer.early_step_in_backward and accum_steps > 1:
         raise ConfigError(f"optimizer.early_step_in_backward = true with gradient accumulation ({accum_steps} "
                           f"micro-batches per step): each micro-batch's backward would step the optimizer; set "

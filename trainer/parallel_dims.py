@@ -106,9 +106,16 @@ class ParallelDims:
         return self.tp > 1 and not self.disable_loss_parallel
 
     @property
+    def ddp_enabled(self) -> bool:
+        """Whether parameters are replicated over data-parallel ranks with torch's DDP: pure replication, with no
+        other parallelism (see trainer/parallel/ddp.py)."""
+        return self.dp_replicate > 1 and self.dp_shard * self.cp * self.tp * self.pp == 1
+
+    @property
     def fsdp_enabled(self) -> bool:
-        """Whether parameters are sharded or replicated over data-parallel ranks with FSDP2."""
-        return self.dp_replicate * self.dp_shard * self.cp > 1
+        """Whether parameters are sharded or replicated over data-parallel ranks with FSDP2 (every data-parallel or
+        context-parallel layout but pure replication, which DDP runs)."""
+        return self.dp_replicate * self.dp_shard * self.cp > 1 and not self.ddp_enabled
 
     def build_mesh(self, device_type: str) -> DeviceMesh:
         """Create the world mesh and its flattened views (needs an initialized process group)."""

@@ -335,3 +335,13 @@ def fsdp_offload_policies(module: nn.Module) -> list:
     the module's private FSDPState): a check that CPU offload is in force where the device is the CPU anyway."""
     return [group.offload_policy for m in module.modules() if hasattr(m, "_get_fsdp_state")
             for group in m._get_fsdp_state()._fsdp_param_groups]
+
+
+def replicate_module(module: nn.Module, process_group, **ddp_kwargs) -> None:
+    """torch's DDP applied in place (composable `replicate`, private torch.distributed._composable in 2.13): the
+    module keeps its class's attributes and its parameter names (no `module.` prefix), and gains
+    `set_requires_gradient_sync(bool)`. DistributedDataParallel is built at the first forward, over the module's
+    parameters; `ddp_kwargs` go to it (bucket_cap_mb, gradient_as_bucket_view, ...)."""
+    from torch.distributed._composable.replicate import replicate
+
+    replicate(module, process_group=process_group, **ddp_kwargs)

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
+from torch.profiler import record_function
 
 from trainer.build import attention_summary, bf16_speed_note, build_model, check_data, load_tokenizer, plan_run
 from trainer.checkpoint import Checkpointer
@@ -224,15 +225,19 @@ class Trainer:
         With PP the loss is only known on the last stage (0 elsewhere until global_loss broadcasts it)."""
         pipeline = self.model.pipeline
         self.optimizer.zero_grad(set_to_none=True)
-        loss = sum(self.forward_backward(*to_device(batch, self.device)) for batch in batches)
+        loss = 0
+        for i, batch in enumerate(batches):
+            self.model.set_gradient_sync(i == len(batches) - 1)  # DDP: reduce the accumulated sum once
+            loss = loss + self.forward_backward(*to_device(batch, self.device))
         if pipeline:
             pipeline.sync_tied_grads()
         if isinstance(self.optimizer, OptimizerInBackward):  # stepped in backward, gradients freed (no clipping)
             grad_norm = self.optimizer.grad_norm()
         else:
-            grad_norm = clip_grad_norm_(self.params, self.cfg.training.max_norm,
-                                        pp_group=pipeline.group if pipeline else None,
-                                        norm_skip=pipeline.norm_skip if pipeline else ())
+            with record_function("trainer::grad_norm"):  # a span in profiles (scripts/profile_layouts.py)
+                grad_norm = clip_grad_norm_(self.params, self.cfg.training.max_norm,
+                                            pp_group=pipeline.group if pipeline else None,
+                                            norm_skip=pipeline.norm_skip if pipeline else ())
         self.optimizer.step()
         self.model.after_optimizer_step()  # float8 with FSDP: the next all-gather's weight scales, all at once
         self.lr_scheduler.step()
@@ -306,10 +311,11 @@ class Trainer:
             loss_avg = None
             if self.step == 1 or self.step % self.cfg.metrics.log_freq == 0 or self.step == cfg.steps:
                 # Reading loss and grad norm waits for the device: only on logging steps.
-                loss_avg, loss_max = self.global_loss(loss)
-                self.metrics.log(self.step, loss_avg, loss_max, grad_norm.item(),
-                                 self.lr_scheduler.get_last_lr()[0], tokens, time.perf_counter() - window_start,
-                                 data_time, window_steps)
+                with record_function("trainer::log"):
+                    loss_avg, loss_max = self.global_loss(loss)
+                    self.metrics.log(self.step, loss_avg, loss_max, grad_norm.item(),
+                                     self.lr_scheduler.get_last_lr()[0], tokens, time.perf_counter() - window_start,
+                                     data_time, window_steps)
                 window_start, data_time, tokens, window_steps = time.perf_counter(), 0.0, 0, 0
             for observer in self.observers:
                 observer.after_step(self, self.step, loss_avg)

@@ -36,6 +36,7 @@ LAYOUTS: dict[str, tuple[int, dict]] = {
     "dp_shard=2": (2, {DP_SHARD: 2, LOCAL: 2}),
     "dp_shard=4": (4, {DP_SHARD: 4, LOCAL: 1}),
     "dp_replicate=2": (2, {DP_REP: 2, DP_SHARD: 1, LOCAL: 2}),
+    "dp_replicate=2 x accumulation=2": (2, {DP_REP: 2, DP_SHARD: 1, LOCAL: 1}),
     "dp_replicate=2 x dp_shard=2": (4, {DP_REP: 2, DP_SHARD: 2, LOCAL: 1}),
     # tensor parallel
     "tp=2": (2, {TP: 2, DP_SHARD: 1, LOCAL: 4}),

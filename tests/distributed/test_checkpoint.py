@@ -46,6 +46,10 @@ CASES = {
     "dp_shard=2, from the async save of step 5": Case(
         "dp_shard=2", ["--signal-at-step", "7"], "dp_shard=2", 5, {**ASYNC, "checkpoint.interval": 5},
         {"checkpoint.load_step": 5}),
+    "dp_replicate=2 (DDP), SIGTERM after step 5": Case("dp_replicate=2", ["--signal-at-step", "5"], "dp_replicate=2",
+                                                       5),
+    "dp_replicate=2 (DDP) -> dp_shard=4 (reshard)": Case("dp_replicate=2", ["--signal-at-step", "5"], "dp_shard=4", 5,
+                                                         rtol=1e-5),
     "dp_shard=4 -> dp_shard=2 (reshard)": Case("dp_shard=4", ["--signal-at-step", "5"], "dp_shard=2", 5, rtol=1e-5),
     "dp_shard=4 -> dp_shard=2 x tp=2 (reshard)": Case("dp_shard=4", ["--signal-at-step", "5"], "dp_shard=2 x tp=2", 5,
                                                       rtol=1e-5),
@@ -78,7 +82,9 @@ CASES = {
         {**ASYNC, "checkpoint.interval": 2}),
 }
 # Left out of `-m "not slow"` (under 5 minutes): what another case there also covers (a reshard, an async save).
-SLOW = {"dp_shard=2, from the async save of step 5", "dp_shard=4 -> dp_shard=2 (reshard)", "cp=2, SIGTERM after step 5",
+SLOW = {"dp_shard=2, from the async save of step 5", "dp_replicate=2 (DDP), SIGTERM after step 5",
+        "dp_replicate=2 (DDP) -> dp_shard=4 (reshard)", "dp_shard=4 -> dp_shard=2 (reshard)",
+        "cp=2, SIGTERM after step 5",
         "pp=2 Interleaved1F1B (2 stages per rank) -> dp_shard=2 (reshard)", "dp_shard=4 -> dp_shard=2 x tp=2 (reshard)",
         "kill -9 during the async save of step 4",
         "dp_shard=2 float8 with float8 all-gather + precompute, SIGTERM after step 5",

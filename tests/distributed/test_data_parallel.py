@@ -1,4 +1,4 @@
-"""FSDP2 / HSDP / replication and gradient accumulation against a 1-process run of the same seed and data."""
+"""FSDP2 / HSDP / DDP replication and gradient accumulation against a 1-process run of the same seed and data."""
 
 import pytest
 import torch
@@ -18,7 +18,12 @@ def test_reference_moves(model, runs):
     assert_reference_moves(runs.steps("1 process", model), name=model)
 
 
-@pytest.mark.parametrize("layout,model", MATRIX, ids=[f"{layout} ({model})" for layout, model in MATRIX])
+# DDP (pure replication) reduces only the last micro-batch's backward, the sum of the accumulated gradients.
+SLOW = [("dp_replicate=2 x accumulation=2", "llama3")]
+
+
+@pytest.mark.parametrize("layout,model", [*MATRIX, *(pytest.param(*case, marks=pytest.mark.slow) for case in SLOW)],
+                         ids=[f"{layout} ({model})" for layout, model in MATRIX + SLOW])
 def test_layout_matches_single_process(layout, model, runs):
     assert_matches_reference(runs.steps(layout, model), runs.steps("1 process", model))
 

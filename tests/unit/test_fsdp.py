@@ -1,10 +1,12 @@
 """What FSDP2 is given: the mesh (1-D without replicas, 2-D for HSDP), built as rank 0 of an NGPU run on a fake
-process group; and the RoPE table a block sees under bf16 FSDP, on a real 1-rank gloo group."""
+process group (pure replication goes to DDP instead); and the RoPE table a block sees under bf16 FSDP, on a real
+1-rank gloo group."""
 
 import pytest
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor
 
 from trainer.build import build_model, plan_run
 from trainer.config import load_config
@@ -25,8 +27,8 @@ def _destroy_process_group():
     (4, {"data_parallel_shard_degree": 2, "context_parallel_degree": 2}, (4,)),
     (4, {"data_parallel_shard_degree": 2, "tensor_parallel_degree": 2}, (2,)),
     (4, {"data_parallel_replicate_degree": 2, "data_parallel_shard_degree": 2}, (2, 2)),
-    (2, {"data_parallel_replicate_degree": 2, "data_parallel_shard_degree": 1}, (2, 1)),
-], ids=["dp_shard=4", "dp_shard=2 x cp=2", "dp_shard=2 x tp=2", "HSDP 2x2", "dp_replicate=2"])
+    (4, {"data_parallel_replicate_degree": 2, "data_parallel_shard_degree": 1, "tensor_parallel_degree": 2}, (2, 1)),
+], ids=["dp_shard=4", "dp_shard=2 x cp=2", "dp_shard=2 x tp=2", "HSDP 2x2", "dp_replicate=2 x tp=2"])
 def test_fsdp_mesh_is_1d_without_replicas(world_size, degrees, shape):
     # FSDP2 runs a 2-D mesh as HSDP even when its replicate dim has size 1: an extra all-reduce per block.
     overrides = [a for key, value in degrees.items() for a in (f"--parallelism.{key}", str(value))]
@@ -38,6 +40,22 @@ def test_fsdp_mesh_is_1d_without_replicas(world_size, degrees, shape):
     weight = model.layers["0"].attention.wq.weight  # a DTensor on FSDP's mesh (x tp)
     fsdp_dims = weight.device_mesh.ndim - (1 if "tp" in weight.device_mesh.mesh_dim_names else 0)
     assert fsdp_dims == len(shape)
+
+
+def test_pure_replication_runs_on_ddp_with_the_plain_names():
+    # dp_replicate=2 alone: DDP (composable replicate), not FSDP2 over a shard dim of size 1; the state dict keeps
+    # the plain model's names, so checkpoints move between layouts.
+    plan = plan_run(load_config(["--training.seq_len", "64", "--parallelism.data_parallel_replicate_degree", "2",
+                                 "--parallelism.data_parallel_shard_degree", "1"]), 2, "cpu")
+    assert plan.dims.ddp_enabled and not plan.dims.fsdp_enabled
+    init_fake_process_group(rank=0, world_size=2)
+    plan.dims.build_mesh("cpu")
+    model = build_model(plan, torch.device("cpu"), init=False).model
+    assert not isinstance(model.layers["0"].attention.wq.weight, DTensor)
+    assert callable(getattr(model, "set_requires_gradient_sync", None)), "not replicated with DDP"
+    with torch.device("meta"):
+        plain = Transformer(plan.model_args)
+    assert list(model.state_dict()) == list(plain.state_dict())
 
 
 def test_rope_table_reaches_attention_in_fp32_under_bf16_fsdp():

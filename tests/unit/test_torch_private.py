@@ -223,3 +223,11 @@ def test_async_tp_symmetric_memory_registration():
     # needs it and enable_async_tensor_parallel can drop the call.
     assert "is_symm_mem_enabled_for_group" in inspect.getsource(micro_pipeline_tp), \
         "micro-pipeline TP no longer checks symmetric-memory registration: drop it from enable_async_tensor_parallel"
+
+
+def test_composable_replicate():
+    from torch.distributed._composable.replicate import DDP, replicate
+
+    params = inspect.signature(replicate).parameters
+    assert "module" in params and "ignored_modules" in params, f"replicate changed: update replicate_module {params}"
+    assert callable(getattr(DDP, "set_requires_gradient_sync", None)), "replicate lost set_requires_gradient_sync"

@@ -10,6 +10,7 @@ from trainer.converters import float8_tensorwise
 from trainer.parallel.activation_checkpoint import apply_activation_checkpointing
 from trainer.parallel.compile import apply_compile, compiles_whole_blocks
 from trainer.parallel.context_parallel import apply_context_parallel
+from trainer.parallel.ddp import apply_ddp
 from trainer.parallel.fsdp import apply_fsdp
 from trainer.parallel.tensor_parallel import apply_tensor_parallel
 from trainer.parallel_dims import ParallelDims
@@ -18,8 +19,8 @@ from trainer.torch_private import set_autograd_cache
 
 def parallelize(model: nn.Module, dims: ParallelDims, cfg: JobConfig, param_dtype: torch.dtype,
                 device_type: str) -> nn.Module:
-    """Apply, in torchtitan's order, TP -> CP -> activation checkpointing -> compile -> FSDP to a meta model (or
-    one pipeline stage of it). `device_type` is the device the run trains on."""
+    """Apply, in torchtitan's order, TP -> CP -> activation checkpointing -> compile -> FSDP (or DDP, for pure
+    replication) to a meta model (or one pipeline stage of it). `device_type` is the device the run trains on."""
     p = cfg.parallelism
     if dims.tp > 1:  # float8 styles need NCCL: gloo cannot all-gather float8 (see tensor_parallel.py)
         apply_tensor_parallel(model, dims.mesh("tp"), loss_parallel_enabled=dims.loss_parallel_enabled,
@@ -39,4 +40,6 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: JobConfig, param_dtyp
                    reduce_dtype=getattr(torch, cfg.training.mixed_precision_reduce),
                    reshard_after_forward=p.fsdp_reshard_after_forward, pp_enabled=dims.pp > 1,
                    cpu_offload=cfg.training.enable_cpu_offload)
+    elif dims.ddp_enabled:
+        apply_ddp(model, dims.mesh("dp_replicate"))
     return model

@@ -1,7 +1,8 @@
 """FSDP2 (`fully_shard`) over the data-parallel mesh: per transformer block, then the root.
 
 The mesh is 1-D (dp_shard x cp) for plain FSDP, or 2-D (dp_replicate, dp_shard x cp), over whose second dim FSDP2
-shards and over whose first it replicates: HSDP, or DDP-style replication when the second has size 1.
+shards and over whose first it replicates: HSDP, or replication when the second has size 1 (with tensor parallel or
+pipeline stages; pure replication runs on DDP instead, see ddp.py).
 Gradients are averaged over the whole mesh with ReduceOp.AVG, which gloo supports (it has no PREMUL_SUM, so we
 never ask FSDP for a custom divide factor).
 
@@ -48,5 +49,5 @@ def check_cpu_offload(enabled: bool, fsdp_enabled: bool) -> None:
     a one-process run does not have; a one-line refusal says what to change instead."""
     if enabled and not fsdp_enabled:
         raise ConfigError("training.enable_cpu_offload = true needs FSDP, which this layout does not use "
-                          "(data-parallel and context-parallel degrees are 1): set "
+                          "(no sharding or context parallel; pure replication runs on DDP): set "
                           "parallelism.data_parallel_shard_degree > 1, or enable_cpu_offload = false")
