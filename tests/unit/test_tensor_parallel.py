@@ -81,10 +81,13 @@ def test_async_tp_registers_the_tp_group_for_symmetric_memory(monkeypatch):
     # memory; torch 2.13 still skips the fusion silently otherwise. The build refuses async TP off CUDA, so the
     # plan is built as for CPU and the flag set on the plan the build reads.
     import torch._inductor.config
+    from torch.distributed import _symmetric_memory
 
     from trainer.torch_private import symmetric_memory_enabled
 
     monkeypatch.setattr(torch._inductor.config, "_micro_pipeline_tp", False)
+    # Registrations are per process and fake process groups reuse names: start from none.
+    monkeypatch.setattr(_symmetric_memory, "_group_name_to_store", {})
     cfg = load_config(["--training.seq_len", "64", "--parallelism.tensor_parallel_degree", "2"])
     plan = plan_run(cfg, 2, "cpu")
     init_fake_process_group(rank=0, world_size=2)
