@@ -40,6 +40,8 @@ LAYOUTS = {
     "HSDP 2x2": (4, {P + "data_parallel_replicate_degree": 2, P + "data_parallel_shard_degree": 2}),
     "FSDP dp_shard=4": (4, {P + "data_parallel_shard_degree": 4}),
     "TP tp=2": (2, {P + "tensor_parallel_degree": 2, P + "data_parallel_shard_degree": 1}),
+    "TP tp=2 no SP": (2, {P + "tensor_parallel_degree": 2, P + "data_parallel_shard_degree": 1,
+                          P + "enable_sequence_parallel": "false"}),
     "FSDP+TP 2x2": (4, {P + "tensor_parallel_degree": 2, P + "data_parallel_shard_degree": 2}),
     "PP pp=2 1F1B": (2, {P + "pipeline_parallel_degree": 2, P + "data_parallel_shard_degree": 1,
                          P + "pipeline_parallel_schedule": "1F1B"}),
@@ -48,6 +50,10 @@ LAYOUTS = {
     "PP pp=2 Interleaved1F1B": (2, {P + "pipeline_parallel_degree": 2, P + "data_parallel_shard_degree": 1,
                                     P + "pipeline_parallel_schedule": "Interleaved1F1B"}),
     "CP cp=2": (2, {P + "context_parallel_degree": 2, P + "data_parallel_shard_degree": 1}),
+    "DDP+TP 2x2": (4, {P + "data_parallel_replicate_degree": 2, P + "data_parallel_shard_degree": 1,
+                       P + "tensor_parallel_degree": 2}),
+    "TP+PP 2x2": (4, {P + "tensor_parallel_degree": 2, P + "pipeline_parallel_degree": 2,
+                      P + "data_parallel_shard_degree": 1, P + "pipeline_parallel_schedule": "1F1B"}),
 }
 QUICK = ["1 process", "FSDP dp_shard=2", "DDP dp_replicate=2", "TP tp=2", "PP pp=2 1F1B", "CP cp=2"]
 

@@ -25,6 +25,7 @@ from trainer.models.llama import flops_per_token, num_params
 from trainer.optim import build_lr_scheduler, build_optimizer, clip_grad_norm_
 from trainer.optim_in_backward import OptimizerInBackward
 from trainer.parallel.compile import compile_summary, eager_note, maybe_compile_loss
+from trainer.parallel.tensor_parallel import reduce_partial_grads
 from trainer.parallel_dims import device_type
 from trainer.profiling import maybe_profile
 from trainer.torch_private import shutdown_loader_workers, warn_tensor_cycles
@@ -225,6 +226,7 @@ class Trainer:
         pipeline = self.model.pipeline
         self.optimizer.zero_grad(set_to_none=True)
         loss = sum(self.forward_backward(*to_device(batch, self.device)) for batch in batches)
+        reduce_partial_grads(self.params)  # TP: sequence-parallel norm weights, in one all-reduce
         if pipeline:
             pipeline.sync_tied_grads()
         if isinstance(self.optimizer, OptimizerInBackward):  # stepped in backward, gradients freed (no clipping)
