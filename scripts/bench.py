@@ -50,6 +50,8 @@ LAYOUTS = {
     "PP pp=2 Interleaved1F1B": (2, {P + "pipeline_parallel_degree": 2, P + "data_parallel_shard_degree": 1,
                                     P + "pipeline_parallel_schedule": "Interleaved1F1B"}),
     "CP cp=2": (2, {P + "context_parallel_degree": 2, P + "data_parallel_shard_degree": 1}),
+    "CP cp=2 reshard never": (2, {P + "context_parallel_degree": 2, P + "data_parallel_shard_degree": 1,
+                                  P + "fsdp_reshard_after_forward": "never"}),
     "DDP+TP 2x2": (4, {P + "data_parallel_replicate_degree": 2, P + "data_parallel_shard_degree": 1,
                        P + "tensor_parallel_degree": 2}),
     "TP+PP 2x2": (4, {P + "tensor_parallel_degree": 2, P + "pipeline_parallel_degree": 2,
