@@ -117,9 +117,9 @@ class Parallelism:
     enable_sequence_parallel: bool = True
     """With tensor parallel: keep the residual stream between attention and the MLP sharded over the sequence
     (norms on 1/tp of it; an all-gather and a reduce-scatter per region), as torchtitan always does. false: plain
-    TP, the stream replicated on every rank and one all-reduce per region instead (half the collectives, full-size
-    activations between the regions): faster for small models, where the collectives' count matters more than the
-    activation memory. Not a torchtitan v0.2.2 key (it always uses sequence parallel)."""
+    TP (picotron's), the stream replicated on every rank and one all-reduce per region instead (half the
+    collectives, the same bytes, full-size activations between the regions); scripts/bench.py's "TP tp=2 no SP"
+    row compares the two. Not a torchtitan v0.2.2 key (it always uses sequence parallel)."""
     disable_loss_parallel: bool = False
     """With tensor parallel: compute the loss on gathered logits instead of vocab-sharded ones (loss parallel
     saves the [batch, seq, vocab] all-gather and its memory)."""
