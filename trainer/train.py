@@ -26,6 +26,7 @@ from trainer.models.llama import flops_per_token, num_params
 from trainer.optim import build_lr_scheduler, build_optimizer, clip_grad_norm_
 from trainer.optim_in_backward import OptimizerInBackward
 from trainer.parallel.compile import compile_summary, eager_note, maybe_compile_loss
+from trainer.parallel.tensor_parallel import reduce_partial_grads
 from trainer.parallel_dims import device_type
 from trainer.profiling import maybe_profile
 from trainer.torch_private import shutdown_loader_workers, warn_tensor_cycles
@@ -229,6 +230,7 @@ class Trainer:
         for i, batch in enumerate(batches):
             self.model.set_gradient_sync(i == len(batches) - 1)  # DDP: reduce the accumulated sum once
             loss = loss + self.forward_backward(*to_device(batch, self.device))
+        reduce_partial_grads(self.params)  # TP: sequence-parallel norm weights, in one all-reduce
         if pipeline:
             pipeline.sync_tied_grads()
         if isinstance(self.optimizer, OptimizerInBackward):  # stepped in backward, gradients freed (no clipping)

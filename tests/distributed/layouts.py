@@ -42,6 +42,8 @@ LAYOUTS: dict[str, tuple[int, dict]] = {
     "tp=2": (2, {TP: 2, DP_SHARD: 1, LOCAL: 4}),
     "tp=4": (4, {TP: 4, DP_SHARD: 1, LOCAL: 4}),
     "tp=2, loss parallel disabled": (2, {TP: 2, DP_SHARD: 1, LOCAL: 4, "parallelism.disable_loss_parallel": True}),
+    "tp=2, sequence parallel disabled": (2, {TP: 2, DP_SHARD: 1, LOCAL: 4,
+                                             "parallelism.enable_sequence_parallel": False}),
     "dp_shard=2 x tp=2": (4, {DP_SHARD: 2, TP: 2, LOCAL: 2}),
     "dp_replicate=2 x dp_shard=2 x tp=2": (8, {DP_REP: 2, DP_SHARD: 2, TP: 2, LOCAL: 1}),
     # context parallel

@@ -1,4 +1,4 @@
-"""Tensor parallel (with sequence and loss parallel), alone and under FSDP / HSDP, against a 1-process run.
+"""Tensor parallel (with and without sequence or loss parallel), alone and under FSDP / HSDP, vs one process.
 
 Each layout must match the reference loss and global gradient norm at every step and every parameter after step 1.
 The smollm debug model is tied, with 4 heads and 2 kv heads.
@@ -12,6 +12,7 @@ MATRIX = [  # (layout, model, slow)
     ("tp=2", "llama3", False),
     ("tp=4", "llama3", False),
     ("tp=2, loss parallel disabled", "llama3", False),
+    ("tp=2, sequence parallel disabled", "smollm", False),  # tied embeddings, replicated norms
     ("dp_shard=2 x tp=2", "llama3", False),
     ("dp_replicate=2 x dp_shard=2 x tp=2", "llama3", True),  # 8 ranks on 2 cores
     ("tp=2", "smollm", False),

@@ -114,6 +114,12 @@ class Parallelism:
     """Tensor-parallel degree: every transformer block, the embedding and the output projection are split over
     this many ranks (Megatron column/row-wise layers with sequence-parallel norms between them). It must divide
     the model's n_heads, n_kv_heads and FFN hidden dim, and training.seq_len. Composes with FSDP / HSDP."""
+    enable_sequence_parallel: bool = True
+    """With tensor parallel: keep the residual stream between attention and the MLP sharded over the sequence
+    (norms on 1/tp of it; an all-gather and a reduce-scatter per region), as torchtitan always does. false: plain
+    TP (picotron's), the stream replicated on every rank and one all-reduce per region instead (half the
+    collectives, the same bytes, full-size activations between the regions); scripts/bench.py's "TP tp=2 no SP"
+    row compares the two. Not a torchtitan v0.2.2 key (it always uses sequence parallel)."""
     disable_loss_parallel: bool = False
     """With tensor parallel: compute the loss on gathered logits instead of vocab-sharded ones (loss parallel
     saves the [batch, seq, vocab] all-gather and its memory)."""

@@ -24,7 +24,7 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: JobConfig, param_dtyp
     p = cfg.parallelism
     if dims.tp > 1:  # float8 styles need NCCL: gloo cannot all-gather float8 (see tensor_parallel.py)
         apply_tensor_parallel(model, dims.mesh("tp"), loss_parallel_enabled=dims.loss_parallel_enabled,
-                              async_tp=p.enable_async_tensor_parallel,
+                              async_tp=p.enable_async_tensor_parallel, sequence_parallel=p.enable_sequence_parallel,
                               float8=float8_tensorwise(cfg) and device_type == "cuda")
     if dims.cp > 1:
         apply_context_parallel(device_type, p.context_parallel_load_balance, p.context_parallel_rotate_method)
