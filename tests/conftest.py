@@ -6,8 +6,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.distributed.layouts import LAYOUTS, layout_overrides
+from tests.distributed.layouts import LAYOUTS, TEXT, layout_overrides
 from tests.distributed.pool import WorkerPool
+
+
+def pytest_addoption(parser):
+    parser.addoption("--dataset", choices=("text", "tokens"), default="text",
+                     help="what every cached multi-process run reads unless its test names a dataset: text (c4_test "
+                          "through the text reader) or tokens (c4_test prepared once per session; the parity "
+                          "matrices on prepared data)")
 
 
 @pytest.fixture(scope="session")
@@ -22,13 +29,16 @@ class Runs:
     """Runs of `job` (tests/distributed/jobs.py) by (layout, model, extra settings), each made once per session.
 
     The 1-process reference of every parity matrix is `runs.steps("1 process")`; an identical run asked for by
-    two test files is one run."""
+    two test files is one run. `data`: the dataset settings of every run whose test names no dataset (--dataset).
+    """
 
-    def __init__(self, pool: WorkerPool, folder):
-        self.pool, self.folder, self.cache = pool, folder, {}
+    def __init__(self, pool: WorkerPool, folder, data: dict):
+        self.pool, self.folder, self.cache, self.data = pool, folder, {}, data
 
     def run(self, job: str, layout: str, model: str = "llama3", argv: list[str] = (), **extra) -> tuple[dict, str]:
         """(rank 0's result, rank 0's stdout); `extra` settings by dotted key, e.g. {"compile.enable": True}."""
+        if "training.dataset" not in extra:  # a test that names its dataset reads that, whatever the session's
+            extra = {**self.data, **extra}
         key = (job, layout, model, tuple(argv), tuple(sorted(extra.items())))
         if key not in self.cache:
             ranks, overrides = layout_overrides(layout, model, **extra)
@@ -47,8 +57,11 @@ class Runs:
 
 
 @pytest.fixture(scope="session")
-def runs(pool, tmp_path_factory):
-    return Runs(pool, tmp_path_factory.mktemp("runs"))
+def runs(pool, tmp_path_factory, request):
+    data = TEXT
+    if request.config.getoption("dataset") == "tokens":
+        data = {"training.dataset": "tokens", "training.dataset_path": str(request.getfixturevalue("prepared_c4_test"))}
+    return Runs(pool, tmp_path_factory.mktemp("runs"), data)
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,9 @@ any two are comparable step by step; test files pick layouts from here by name a
 STEPS = 5
 GLOBAL_BATCH = 4
 SEED = 7
+# The config's dataset (c4_test through the text reader): what a run reads unless the session runs on prepared data
+# (pytest --dataset tokens, tests/conftest.py) or its test names another.
+TEXT = {"training.dataset": "c4_test"}
 
 DP_REP = "parallelism.data_parallel_replicate_degree"
 DP_SHARD = "parallelism.data_parallel_shard_degree"

@@ -4,12 +4,14 @@ after step 5 and resumed, in the same layout or at another dp degree, logs the l
 
 import pytest
 
+from tests.distributed.layouts import TEXT
 from tests.distributed.parity import assert_matches_reference, assert_reference_moves
 from tests.distributed.test_checkpoint import RUN, train
 
 pytestmark = pytest.mark.distributed
 
-# dp_shard=2 is the representative; the others are the text reader's matrices run again on prepared data.
+# dp_shard=2 is the representative; the others are a few of the text reader's matrices run again on prepared data.
+# Every matrix runs on prepared data with `pytest --dataset tokens` (tests/conftest.py; the README's Data section).
 MATRIX = ["dp_shard=2", "dp_replicate=2 x dp_shard=2", "tp=2", "cp=2", "pp=2 1F1B", "dp_shard=2 x tp=2"]
 SLOW = set(MATRIX[1:])
 
@@ -23,7 +25,7 @@ def tokens(prepared_c4_test) -> dict:
 def test_layout_matches_single_process_on_prepared_data(layout, runs, tokens):
     reference = runs.steps("1 process", **tokens)
     assert_reference_moves(reference)
-    assert reference["losses"] != runs.steps("1 process")["losses"]  # it did read the prepared folder
+    assert reference["losses"] != runs.steps("1 process", **TEXT)["losses"]  # it did read the prepared folder
     assert_matches_reference(runs.steps(layout, **tokens), reference)
 
 

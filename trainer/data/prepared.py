@@ -11,8 +11,9 @@ A prepared folder, Megatron's and nanoGPT's layout:
 
 Addressing: a split of T tokens holds n = T // (seq_len + 1) windows (the tail is dropped); global window g is in
 epoch g // n, at the (g % n)-th place of that epoch's order, a permutation of the n windows drawn from (seed,
-epoch). A validation pass (infinite=False) reads the windows in file order once. The position is the number of
-global windows passed (WindowStream's state), so a resume at any step, at any dp degree, costs one permutation.
+epoch) and evaluated at that one place (permutation.py: O(1) time and memory, nothing built per epoch). A
+validation pass (infinite=False) reads the windows in file order once. The position is the number of global windows
+passed (WindowStream's state), so a resume at any step, at any dp degree, costs O(1).
 """
 
 import json
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from trainer.data.permutation import Permutation
 from trainer.data.tokenizer import Tokenizer
 from trainer.data.windows import WindowStream
 
@@ -74,23 +76,20 @@ class PreparedDataset(WindowStream):
                              f"seq_len + 1 = {seq_len + 1}")
         self.seed, self.infinite = seed, infinite
         self._file = None  # the token file, opened in the process that iterates
-        self._order: tuple[int, np.ndarray] | None = None  # (epoch, its permutation of the windows)
+        self._order = Permutation(self.num_windows, seed, 0)  # the order of the epoch being read
 
     def __getstate__(self) -> dict:
-        # A loader worker opens the file itself and draws its own permutation.
-        return {**self.__dict__, "_file": None, "_order": None}
+        # A loader worker opens the file itself.
+        return {**self.__dict__, "_file": None}
 
     def _window(self, index: int) -> int:
         """Which window of the split global window `index` is."""
         epoch, place = divmod(index, self.num_windows)
         if not self.infinite:
             return place
-        if self._order is None or self._order[0] != epoch:
-            self._order = None  # the old order's memory goes before the new one is made
-            order = np.arange(self.num_windows, dtype=np.uint32 if self.num_windows < 1 << 32 else np.uint64)
-            np.random.default_rng([self.seed, epoch]).shuffle(order)
-            self._order = epoch, order
-        return int(self._order[1][place])
+        if self._order.epoch != epoch:
+            self._order = Permutation(self.num_windows, self.seed, epoch)
+        return self._order(place)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self._find_worker()
