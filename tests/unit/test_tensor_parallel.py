@@ -79,24 +79,21 @@ def test_dry_run_parameter_memory_shrinks_by_tp():
 def test_async_tp_registers_the_tp_group_for_symmetric_memory(monkeypatch):
     # Inductor's micro-pipeline pass fuses a collective with its matmul only for a group registered for symmetric
     # memory; torch 2.13 still skips the fusion silently otherwise. The build refuses async TP off CUDA, so the
-    # plan is built as for CPU and the flag set on the plan the build reads.
+    # TP plan is applied directly. Registrations are per process (and fake groups reuse names), so the call is
+    # recorded rather than its effect.
     import torch._inductor.config
     from torch.distributed import _symmetric_memory
 
-    from trainer.torch_private import symmetric_memory_enabled
+    from trainer.parallel.tensor_parallel import apply_tensor_parallel
 
+    registered = []
+    monkeypatch.setattr(_symmetric_memory, "enable_symm_mem_for_group", registered.append)
     monkeypatch.setattr(torch._inductor.config, "_micro_pipeline_tp", False)
-    # Registrations are per process and fake process groups reuse names: start from none.
-    monkeypatch.setattr(_symmetric_memory, "_group_name_to_store", {})
     cfg = load_config(["--training.seq_len", "64", "--parallelism.tensor_parallel_degree", "2"])
     plan = plan_run(cfg, 2, "cpu")
     init_fake_process_group(rank=0, world_size=2)
     plan.dims.build_mesh("cpu")
-    group = plan.dims.mesh("tp").get_group().group_name
-    assert not symmetric_memory_enabled(group)
-    from trainer.parallel.tensor_parallel import apply_tensor_parallel
-
     model = Transformer(get_model_args("llama3", "debugmodel"))
     apply_tensor_parallel(model.to("meta"), plan.dims.mesh("tp"), loss_parallel_enabled=True, async_tp=True)
     assert torch._inductor.config._micro_pipeline_tp
-    assert symmetric_memory_enabled(group)
+    assert registered == [plan.dims.mesh("tp").get_group().group_name]
