@@ -5,6 +5,7 @@ Launched by run_train.sh (torchrun), or as `python -m trainer.train --job.config
 
 import gc
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -370,6 +371,8 @@ def run(argv: list[str], observers: tuple[LoopObserver, ...] = ()) -> int:
         # Every rank reaches the same verdict; one line from rank 0 is enough.
         if rank == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
+        elif "TORCHELASTIC_RUN_ID" in os.environ:
+            _leave_the_report_to_rank0()
         return 2
     except BaseException as e:
         if (line := collective_failure(e, rank)) is not None:
@@ -382,6 +385,14 @@ def run(argv: list[str], observers: tuple[LoopObserver, ...] = ()) -> int:
     finally:
         if trainer is not None:
             trainer.close()
+
+
+def _leave_the_report_to_rank0(limit_s: float = 60) -> None:
+    """Under torchrun the first rank to exit makes the agent stop the others: a rank that exits before rank 0 has
+    printed the config error gets rank 0 killed unheard (seen at NGPU=8 on 2 cores). So the other ranks wait to be
+    stopped, SIGTERM ending them at once, and exit by themselves only if nobody does within `limit_s`."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    time.sleep(limit_s)
 
 
 def main(argv: list[str] | None = None) -> None:
