@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from trainer.checkpoint_files import MARKER
 from trainer.config import ConfigError, load_config
-from trainer.config.manager import CHECKPOINT_PARTS
+from trainer.config.checks import CHECKPOINT_PARTS
 from trainer.train import Trainer
 
 transformers = pytest.importorskip("transformers")
