@@ -29,7 +29,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from trainer.models.llama import flops_per_token, get_model_args  # noqa: E402
+from trainer.models.flavors import get_model_args  # noqa: E402
+from trainer.models.llama import flops_per_token  # noqa: E402
 
 P = "parallelism."
 # name -> (ranks, overrides). Local batch is per data-parallel rank, so global batch grows with dp (weak scaling).

@@ -12,7 +12,7 @@ from unittest import mock
 import pytest
 import torch
 
-from trainer import checkpoint, metrics
+from trainer import checkpoint_state, metrics
 from trainer import train as train_module
 from trainer import validate as validate_module
 from trainer.build import build_model, plan_run
@@ -129,12 +129,12 @@ def test_rng_state_is_this_ranks_gpu_only(monkeypatch):
     # CUDA_VISIBLE_DEVICES per rank). Restoring every saved GPU by index failed there: device 1 does not exist.
     saver = FakeGPUs(count=4, current=2)
     saver.install(monkeypatch)
-    saved = checkpoint._rng_state()
+    saved = checkpoint_state._rng_state()
     assert torch.equal(saved["cuda"], torch.tensor([2], dtype=torch.uint8))
     resumer = FakeGPUs(count=1, current=0)
     resumer.install(monkeypatch)
     python_state = random.getstate()
-    checkpoint._set_rng_state(saved)
+    checkpoint_state._set_rng_state(saved)
     assert torch.equal(resumer.states[0], torch.tensor([2], dtype=torch.uint8))
     assert random.getstate() == python_state
 
