@@ -276,7 +276,7 @@ class Planner:
                           recompute_factor(layout.ac_mode, ac.selective_ac_option), worst_unsharded * pbytes,
                           worst_unsharded * rbytes, worst_local,
                           {"always": True, "never": False, "default": layout.pp == 1}[layout.reshard],
-                          worst_layers, args.dim, kv_dim, pbytes)
+                          worst_layers, args.dim, kv_dim, pbytes, plan.dims.ddp_enabled)
         seconds = step_seconds(shape, self.device, self.gpus_per_node)
         tps = plan.tokens_per_step / seconds["total"] / self.world_size
         mfu = flops_per_token(args, seq) * tps / self.device.peak_flops
