@@ -161,7 +161,8 @@ def main() -> None:
     ap.add_argument("--layouts", help="only these layouts, by their 0-based index in the table, e.g. 9 or 0,3")
     ap.add_argument("--first", type=int, default=0, help="only the first N layouts (a smoke test)")
     ap.add_argument("--repeats", type=int, default=2, help="speed: runs of each layout (the median counts)")
-    ap.add_argument("--out", help="the raw figures and predictions, JSON (default: benchmarks/plan_check_WHAT.json)")
+    ap.add_argument("--out", help="the raw figures and predictions, JSON (default: benchmarks/plan_check_WHAT.json; "
+                                  "with --measured, only where given)")
     ap.add_argument("--measured", metavar="FILE",
                     help="run nothing: re-predict the figures a previous run wrote to --out (with that run's CPU "
                          "calibration) and print the table again")
@@ -176,6 +177,8 @@ def main() -> None:
                 row["measured_peak_gib"] = row["measured_gib"] + data["baseline_gib"]
         predict(rows, args.what, data.get("flavor", args.flavor), data.get("calibration"))
         report(rows, args.what, data["baseline_gib"])
+        if args.out:  # the same figures with this checkout's predictions
+            Path(args.out).write_text(json.dumps(data, indent=1))
         return
     args.out = args.out or str(ROOT / "benchmarks" / f"plan_check_{args.what}.json")
     shape = SHAPES[args.what]
