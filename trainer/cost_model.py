@@ -23,7 +23,8 @@ Per optimizer step on the slowest rank:
 - optimizer: AdamW streams ~32 bytes per local parameter through memory.
 - on a device whose collectives take the same cores as compute (CPU), nothing overlaps.
 - framework: the device profile's measured seconds per block (forward and backward, per microbatch, times the
-  recompute) of Python and autograd, and what FSDP, TP (DTensor) and CP (the ring) add to it; zero on a GPU.
+  recompute) of Python and autograd, and what TP (DTensor) and CP (the ring) add to it, and FSDP's per round of
+  its collectives (two gathers and a reduce measured); zero on a GPU.
 - more ranks than cores (CPU): everything but the matmuls (whose peak the profile already shares among the ranks)
   takes `oversubscription` times longer: the framework, the optimizer and gloo's copies and reductions (the bytes
   of a collective), but not a collective's latency, which the profile already measured among oversubscribed ranks
@@ -140,9 +141,12 @@ def step_seconds(s: StepShape, dev: DeviceProfile, gpus_per_node: int) -> dict[s
               CP_PASSES_PER_BLOCK * s.n_layers_rank) * s.microbatches
     # The framework's own cost per block (zero on a GPU, where it hides under the kernels): forward and backward of
     # every microbatch, recomputed forward included; on time-shared cores it takes `o` times longer.
-    framework = o * (dev.block_overhead + (dev.fsdp_block_overhead if fsdp_n > 1 else 0.0)
-                     + (dev.tp_block_overhead if s.tp > 1 else 0.0) + (dev.cp_block_overhead if s.cp > 1 else 0.0)) \
-        * s.n_layers_rank * s.microbatches * s.recompute
+    # FSDP's part goes with its collectives (copies in and out of the flat buffers, the waits), measured where each
+    # block gathers twice and reduces once: under PP it is paid once a step, not per microbatch, and a recomputed
+    # forward reuses the blocks gathered for backward.
+    framework = o * ((dev.block_overhead + (dev.tp_block_overhead if s.tp > 1 else 0.0)
+                      + (dev.cp_block_overhead if s.cp > 1 else 0.0)) * s.n_layers_rank * s.microbatches * s.recompute
+                     + (dev.fsdp_block_overhead * s.n_layers_rank * (gathers + reduces) / 3 if fsdp_n > 1 else 0.0))
     pp = bubble = 0.0
     if s.pp > 1:
         # each stage sends its output forward and receives its gradient back, per microbatch

@@ -128,11 +128,13 @@ def cpu_profile_from(measured: dict[str, float], world_size: int) -> DeviceProfi
     # The probe's FSDP, TP and CP blocks (degree 2, 8 tokens) include their collectives, which the cost model prices
     # on their own (per collective and per byte): take them out as it prices them, so they count once. Per block:
     # FSDP two all-gathers of the parameters and one reduce-scatter of the gradients (half of each moves), TP its
-    # 8 sequence-parallel collectives, CP its 3 ring passes (activations of 8 tokens: latency only).
+    # 8 sequence-parallel collectives, CP its 3 ring passes (activations of 8 tokens: latency only). CP shards its
+    # parameters with FSDP over the cp ranks: the CP probe includes the FSDP probe's cost, which the cost model
+    # adds on its own wherever FSDP runs.
     fsdp = measured["fsdp_block_overhead"] - 3 * (measured["probe_block_bytes"] / 2 / measured["gloo_bandwidth"]
                                                   + latency)
     tp = measured["tp_block_overhead"] - TP_COLLECTIVES_PER_BLOCK * latency
-    cp = measured["cp_block_overhead"] - CP_PASSES_PER_BLOCK * latency
+    cp = measured["cp_block_overhead"] - measured["fsdp_block_overhead"] - CP_PASSES_PER_BLOCK * latency
     if world_size > cores:  # a collective waits for its ranks to be scheduled: per hop of a ring, as priced
         latency = max(latency, measured["oversubscribed_sync"] / (measured["oversubscribed_ranks"] - 1))
     return DeviceProfile("cpu", int(measured["ram_bytes"]) // world_size, measured["peak_flops"] / world_size, 0.5,
