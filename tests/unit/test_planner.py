@@ -126,6 +126,29 @@ def test_no_fit_is_one_line_naming_the_smallest_world():
     assert line.endswith("the smallest NGPU that fits is 2")
 
 
+@pytest.mark.parametrize("entry", ["dry_run", pytest.param("script", marks=pytest.mark.slow)])
+def test_no_fit_from_the_command_line_is_one_line_and_exit_2(entry, monkeypatch, capsys):
+    """DRY_RUN=1 NGPU=1 ./run_train.sh --plan (trainer.dry_run) and scripts/plan.py --ngpu 1, for 8B on one H100."""
+    args = ["--device", "h100", "--job.config_file", str(ROOT / "configs/llama3_8b.toml"), "--model.flavor", "8B"]
+    if entry == "dry_run":
+        monkeypatch.setenv("NGPU", "1")
+        with pytest.raises(SystemExit) as exit_:
+            dry_run_main(["--plan", *args])
+        code = exit_.value.code
+    else:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("plan_script", ROOT / "scripts/plan.py")
+        script = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(script)
+        code = script.main(["--ngpu", "1", *args])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == ""
+    (line,) = captured.err.strip().splitlines()
+    assert line.startswith("error: llama3 8B at seq_len 8192 fits no layout on 1 x h100")
+    assert line.endswith("the smallest NGPU that fits is 2")
+
+
 def test_ranking_is_deterministic_and_fastest_first():
     first, second = plan(debug_cfg(), 4, "h100", 8), plan(debug_cfg(), 4, "h100", 8)
     assert [e.layout for e in first.fits] == [e.layout for e in second.fits]
