@@ -37,6 +37,8 @@ P = "parallelism."
 LAYOUTS = {
     "1 process": (1, {}),
     "FSDP dp_shard=2": (2, {P + "data_parallel_shard_degree": 2}),
+    "FSDP dp_shard=2 reshard never": (2, {P + "data_parallel_shard_degree": 2,
+                                          P + "fsdp_reshard_after_forward": "never"}),
     "DDP dp_replicate=2": (2, {P + "data_parallel_replicate_degree": 2, P + "data_parallel_shard_degree": 1}),
     "HSDP 2x2": (4, {P + "data_parallel_replicate_degree": 2, P + "data_parallel_shard_degree": 2}),
     "FSDP dp_shard=4": (4, {P + "data_parallel_shard_degree": 4}),
