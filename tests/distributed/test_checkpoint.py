@@ -81,8 +81,11 @@ CASES = {
         "dp_shard=2", ["--kill-at-step", "4", "--slow-writes", "3"], "dp_shard=2", 2,
         {**ASYNC, "checkpoint.interval": 2}),
 }
-# Left out of `-m "not slow"` (under 5 minutes): what another case there also covers (a reshard, an async save).
-SLOW = {"dp_shard=2, from the async save of step 5", "dp_replicate=2 (DDP), SIGTERM after step 5",
+# Left out of `-m "not slow"` (under 5 minutes): what another case there also covers (a reshard, an async save; the
+# SIGTERM save and resume by dp_shard=2 and pp=2, the loader workers' positions by the loader-workers reshard).
+SLOW = {"1 process, SIGTERM after step 5", "tp=2, SIGTERM after step 5",
+        "dp_shard=2 with 2 loader workers, SIGTERM after step 5",
+        "dp_shard=2, from the async save of step 5", "dp_replicate=2 (DDP), SIGTERM after step 5",
         "dp_replicate=2 (DDP) -> dp_shard=4 (reshard)", "dp_shard=4 -> dp_shard=2 (reshard)",
         "cp=2, SIGTERM after step 5",
         "pp=2 Interleaved1F1B (2 stages per rank) -> dp_shard=2 (reshard)", "dp_shard=4 -> dp_shard=2 x tp=2 (reshard)",
