@@ -81,8 +81,11 @@ CASES = {
         "dp_shard=2", ["--kill-at-step", "4", "--slow-writes", "3"], "dp_shard=2", 2,
         {**ASYNC, "checkpoint.interval": 2}),
 }
-# Left out of `-m "not slow"` (under 5 minutes): what another case there also covers (a reshard, an async save).
-SLOW = {"dp_shard=2, from the async save of step 5", "dp_replicate=2 (DDP), SIGTERM after step 5",
+# Left out of `-m "not slow"` (under 5 minutes): what another case there also covers (a reshard, an async save; the
+# SIGTERM save and resume by dp_shard=2 and pp=2, the loader workers' positions by the loader-workers reshard).
+SLOW = {"1 process, SIGTERM after step 5", "tp=2, SIGTERM after step 5",
+        "dp_shard=2 with 2 loader workers, SIGTERM after step 5",
+        "dp_shard=2, from the async save of step 5", "dp_replicate=2 (DDP), SIGTERM after step 5",
         "dp_replicate=2 (DDP) -> dp_shard=4 (reshard)", "dp_shard=4 -> dp_shard=2 (reshard)",
         "cp=2, SIGTERM after step 5",
         "pp=2 Interleaved1F1B (2 stages per rank) -> dp_shard=2 (reshard)", "dp_shard=4 -> dp_shard=2 x tp=2 (reshard)",
@@ -141,13 +144,13 @@ def test_final_save_of_a_step_just_saved(layout, pool, tmp_path):
     # steps a multiple of interval: the final save finds the step saved already. Every rank must skip it alike (a
     # rank that saved a second time would leave the others' DCP collectives unmatched), also when the run resumes
     # in the same folder and the step was saved by the run before.
-    settings = {"checkpoint.enable": True, "job.dump_folder": str(tmp_path), "checkpoint.interval": 5,
+    settings = {"checkpoint.enable": True, "job.dump_folder": str(tmp_path), "checkpoint.interval": 2,
                 "checkpoint.async_mode": "async", "checkpoint.last_save_model_only": False,
                 "checkpoint.keep_latest_k": 0}
-    for steps, first_step in ((10, 1), (10, 11), (15, 11)):
+    for steps, first_step in ((4, 1), (4, 5), (6, 5)):
         got, log = train(pool, layout, tmp_path / "run.pt", {**settings, "training.steps": steps})
         assert got["first_step"] == first_step and sorted(got["losses"]) == list(range(first_step, steps + 1))
         if first_step > 1:
             assert f"resumed from {tmp_path / 'checkpoint' / f'step-{first_step - 1}'} " in log
-    assert sorted(p.name for p in (tmp_path / "checkpoint").iterdir()) == ["step-10", "step-15", "step-5"]
-    assert all((tmp_path / "checkpoint" / f"step-{s}" / MARKER).is_file() for s in (5, 10, 15))
+    assert sorted(p.name for p in (tmp_path / "checkpoint").iterdir()) == ["step-2", "step-4", "step-6"]
+    assert all((tmp_path / "checkpoint" / f"step-{s}" / MARKER).is_file() for s in (2, 4, 6))

@@ -29,7 +29,7 @@ MATRIX = [
     ("pp=2 CSV schedule", "llama3", False),
     ("pp=4 GPipe", "llama3", True),
     ("pp=4 1F1B", "llama3", True),
-    ("pp=2 1F1B accumulation=2", "llama3", False),
+    ("pp=2 1F1B accumulation=2", "llama3", True),  # accumulation: test_data_parallel.py; microbatches: every pp case
     ("pp=2 x dp_shard=2 1F1B", "llama3", False),
     ("pp=2 x dp_shard=2 Interleaved1F1B", "llama3", True),
     ("pp=2 explicit uneven stages", "llama3", True),

@@ -201,7 +201,10 @@ def test_one_line_error(name, ngpu, toml, args, expected, tmp_path, monkeypatch,
     _assert_one_line(*_run_in_process(ngpu, args, tmp_path, toml, monkeypatch, capsys), expected)
 
 
-@pytest.mark.parametrize("case", [CASES[0], CASES[9], CASES[-1]], ids=lambda c: c[0])
+# A fresh interpreter costs seconds: `-m "not slow"` keeps one (test_one_line_error checks every case's line).
+@pytest.mark.parametrize("case", [CASES[0], pytest.param(CASES[9], marks=pytest.mark.slow),
+                                  pytest.param(CASES[-1], marks=pytest.mark.slow)],
+                         ids=lambda c: c[0])
 def test_one_line_error_in_a_fresh_process(case, tmp_path):
     name, ngpu, toml, args, expected = case
     proc = _run(ngpu, args, tmp_path, toml)

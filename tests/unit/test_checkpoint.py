@@ -5,6 +5,7 @@ Multi-process resume parity, resharding and kill -9 during an async save: tests/
 """
 
 import gc
+import importlib.util
 import json
 import os
 import shutil
@@ -118,9 +119,22 @@ def run_script(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
-def test_offline_conversion_both_ways(hf_source, tmp_path):
+def convert_in_process(*args: str) -> int:
+    """scripts/convert_checkpoint.py's main() in this process, its exit code: the same conversion as run_script
+    without a fresh interpreter's torch import (seconds per call); run_script covers the command line once."""
+    spec = importlib.util.spec_from_file_location("convert_checkpoint", ROOT / "scripts/convert_checkpoint.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    try:
+        script.main(list(args))
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+def test_offline_conversion_both_ways(hf_source, tmp_path, capsys):
     source, _ = hf_source
-    # HF -> DCP (script) -> initial load -> HF export (trainer): the very tensors of the source.
+    # HF -> DCP (script, as a command) -> initial load -> HF export (trainer): the very tensors of the source.
     proc = run_script("hf-to-dcp", str(source), str(tmp_path / "seed"), "--name", "llama3", "--flavor", "debugmodel")
     assert proc.returncode == 0, proc.stderr
     train(tmp_path / "a", "--checkpoint.initial_load_path", str(tmp_path / "seed"), "--checkpoint.last_save_in_hf",
@@ -131,16 +145,16 @@ def test_offline_conversion_both_ways(hf_source, tmp_path):
 
     # A full training checkpoint -> HF (script) equals the trainer's own HF export of the same step.
     train(tmp_path / "b", "--checkpoint.last_save_in_hf", "--training.steps", "2", "--checkpoint.interval", "2")
-    proc = run_script("dcp-to-hf", str(tmp_path / "b/checkpoint/step-2"), str(tmp_path / "converted"))
-    assert proc.returncode == 0, proc.stderr
+    assert convert_in_process("dcp-to-hf", str(tmp_path / "b/checkpoint/step-2"), str(tmp_path / "converted")) == 0
     by_trainer = tmp_path / "b/checkpoint/export/step-2"
     a, b = load_file(tmp_path / "converted/model.safetensors"), load_file(by_trainer / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     config_json = [json.loads((folder / "config.json").read_text()) for folder in (tmp_path / "converted", by_trainer)]
     assert config_json[0] == config_json[1]
     # Nothing is overwritten.
-    proc = run_script("dcp-to-hf", str(tmp_path / "b/checkpoint/step-2"), str(tmp_path / "converted"))
-    assert proc.returncode == 2 and "nothing is overwritten" in proc.stderr
+    capsys.readouterr()
+    assert convert_in_process("dcp-to-hf", str(tmp_path / "b/checkpoint/step-2"), str(tmp_path / "converted")) == 2
+    assert "nothing is overwritten" in capsys.readouterr().err
 
 
 def test_keep_latest_k_resume_and_never_overwrite(tmp_path, capsys):
