@@ -29,13 +29,16 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from trainer.models.llama import flops_per_token, get_model_args  # noqa: E402
+from trainer.models.flavors import get_model_args  # noqa: E402
+from trainer.models.llama import flops_per_token  # noqa: E402
 
 P = "parallelism."
 # name -> (ranks, overrides). Local batch is per data-parallel rank, so global batch grows with dp (weak scaling).
 LAYOUTS = {
     "1 process": (1, {}),
     "FSDP dp_shard=2": (2, {P + "data_parallel_shard_degree": 2}),
+    "FSDP dp_shard=2 reshard never": (2, {P + "data_parallel_shard_degree": 2,
+                                          P + "fsdp_reshard_after_forward": "never"}),
     "DDP dp_replicate=2": (2, {P + "data_parallel_replicate_degree": 2, P + "data_parallel_shard_degree": 1}),
     "HSDP 2x2": (4, {P + "data_parallel_replicate_degree": 2, P + "data_parallel_shard_degree": 2}),
     "FSDP dp_shard=4": (4, {P + "data_parallel_shard_degree": 4}),

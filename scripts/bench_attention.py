@@ -40,7 +40,8 @@ def _windows(seq: int, batch: int, steps: int):
 def model_row(flavor: str, seq: int, steps: int) -> dict:
     """Train `steps` + 1 steps in this process; tokens/s over the last `steps`, peak RSS."""
     from trainer.models.attention import document_ids
-    from trainer.models.llama import Transformer, get_model_args
+    from trainer.models.flavors import get_model_args
+    from trainer.models.llama import Transformer
 
     args = get_model_args("llama3", flavor)
     args.max_seq_len = seq

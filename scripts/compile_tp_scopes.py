@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
-from trainer.models.llama import Transformer, get_model_args
+from trainer.models.flavors import get_model_args
+from trainer.models.llama import Transformer
 from trainer.parallel.tensor_parallel import apply_tensor_parallel, loss_context
 from trainer.torch_private import set_autograd_cache
 from trainer.weights import init_weights

@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trainer.checkpoint_files import MARKER, read_marker  # noqa: E402
 from trainer.weights import read_dcp_model, save_dcp_model  # noqa: E402
+from trainer.models.flavors import get_model_args  # noqa: E402
 from trainer.models.hf import from_hf_state_dict, load_hf_checkpoint, save_hf_checkpoint  # noqa: E402
-from trainer.models.llama import get_model_args  # noqa: E402
 
 
 def fail(msg: str) -> None:

@@ -56,8 +56,9 @@ from trainer.config.job_config import Model  # noqa: E402
 from trainer.data.tokenizer import Tokenizer  # noqa: E402
 from trainer.distributed import DistInfo, init_distributed, shutdown  # noqa: E402
 from trainer.generation import cast_weights, generate  # noqa: E402
+from trainer.models.flavors import get_model_args  # noqa: E402
 from trainer.models.hf import from_hf_state_dict, load_hf_checkpoint  # noqa: E402
-from trainer.models.llama import ModelArgs, Transformer, get_model_args  # noqa: E402
+from trainer.models.llama import ModelArgs, Transformer  # noqa: E402
 from trainer.weights import load_dcp_weights, load_full_state  # noqa: E402
 
 # DCP says on every load without a process group that it assumes one process, which is what we mean.

@@ -53,7 +53,8 @@ import torch  # noqa: E402
 
 from bench import bench_layout, bench_plain, read_scalars, summarize  # noqa: E402
 from trainer.metrics import gpu_peak_flops  # noqa: E402
-from trainer.models.llama import flops_per_token, get_model_args  # noqa: E402
+from trainer.models.flavors import get_model_args  # noqa: E402
+from trainer.models.llama import flops_per_token  # noqa: E402
 
 # MFU is against one peak on any GPU, so that figures compare: the H100 SXM's and H200's dense bf16 peak, 989.4
 # TFLOP/s, from the trainer's table.

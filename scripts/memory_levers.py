@@ -53,7 +53,8 @@ def child(model: dict, steps: int, overrides: list[str]) -> None:
 
     from trainer.config import load_config
     from trainer.distributed import shutdown
-    from trainer.models.llama import ModelArgs, register_flavor
+    from trainer.models.flavors import register_flavor
+    from trainer.models.llama import ModelArgs
     from trainer.train import Trainer
 
     register_flavor("llama3", FLAVOR, ModelArgs(**model))

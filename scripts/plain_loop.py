@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from trainer.data.dataloader import build_dataloader, to_device  # noqa: E402
 from trainer.data.tokenizer import Tokenizer  # noqa: E402
 from trainer.metrics import memory_gib, peak_flops  # noqa: E402
-from trainer.models.llama import Transformer, flops_per_token, get_model_args  # noqa: E402
+from trainer.models.flavors import get_model_args  # noqa: E402
+from trainer.models.llama import Transformer, flops_per_token  # noqa: E402
 
 
 def main() -> None:

@@ -24,7 +24,8 @@ from trainer.data.datasets import DATASET_NAMES
 from trainer.data.prepared import check_tokenizer, read_manifest
 from trainer.data.tokenizer import Tokenizer
 from trainer.models.attention import document_ids
-from trainer.models.llama import ModelArgs, Transformer, get_model_args
+from trainer.models.flavors import get_model_args
+from trainer.models.llama import ModelArgs, Transformer
 from trainer.optim_in_backward import check_early_step
 from trainer.parallel import parallelize
 from trainer.parallel.compile import check_compile_supported

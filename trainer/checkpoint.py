@@ -1,5 +1,6 @@
-"""Checkpoints on torch.distributed.checkpoint (DCP): resume, periodic and async saves, keep_latest_k, the final
-export, and a save on SIGTERM/SIGINT.
+"""Checkpoints on torch.distributed.checkpoint (DCP): resume (with a fall back past a corrupt checkpoint), periodic
+and async saves, keep_latest_k, the final export, and a save on SIGTERM/SIGINT. What a full checkpoint holds and
+how it maps onto the live objects is checkpoint_state.py's; the folders and markers, checkpoint_files.py's.
 
 Layout under {job.dump_folder}/{checkpoint.folder}:
 
@@ -19,14 +20,10 @@ and only once a newer one is complete. A run resumed with another data-parallel 
 resharded exactly (resume_position), and so is one resumed with another number of loader workers; exclude_from_loading = ["dataloader"] restarts the data instead.
 """
 
-import pickle
-import random
-import re
 import shutil
 import signal
 import threading
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,48 +33,15 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict, set_state_dict)
+from torch.distributed.checkpoint.state_dict import get_model_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 
 from trainer.checkpoint_files import (MARKER, STEP_RE, checkpoint_folder, complete_steps, folder_bytes, plan_load,
                                       read_marker, write_marker)
 from trainer.checkpoint_integrity import ChecksummedWriter, check_file, files_to_check, metadata_record
+from trainer.checkpoint_state import CheckpointedState, dcp_cause
 from trainer.config import ConfigError, JobConfig
-from trainer.data.dataloader import resume_position, saved_workers
-from trainer.weights import check_model_fits, load_hf_weights, save_hf_weights
-
-# Optimizer state keyed by parameter name, param_groups included: unflattened, param_groups is a list whose
-# "group 0" every pipeline stage has, and those collide in one DCP checkpoint.
-OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
-
-DATALOADER_RE = re.compile(r"dataloader\.dp(\d+)")
-# DCP warns on every save and load of a one-process run that it assumes one process, which is what we mean.
-warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
-
-
-def _rng_state() -> dict:
-    """Python's and torch's CPU RNG states, and the current CUDA device's (this rank's GPU, which init_distributed
-    made current) without the other visible GPUs': restoring those by index failed where fewer are visible."""
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def _cause(e: BaseException) -> str:
-    """The first failure inside a DCP exception (which lists every rank's traceback), as one line."""
-    if isinstance(e, CheckpointException) and e.failures:
-        e = next(iter(e.failures.values()))[0]
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0] if lines else ''}"
+from trainer.weights import load_hf_weights, save_hf_weights
 
 
 @dataclass
@@ -97,23 +61,6 @@ class CheckpointError(ConfigError):
     and the run ends with its one line, like a mistake in the config."""
 
 
-class ModelPartsView(nn.Module):
-    """This rank's pipeline stages as one module with the unsplit model's parameter names.
-
-    Checkpointing saves and loads by name, so a stage-split run reshards to and from any other layout. Holds
-    references only: the stages keep running on their own.
-    """
-
-    def __init__(self, parts: list[nn.Module]):
-        super().__init__()
-        self.layers = nn.ModuleDict()
-        for part in parts:
-            for name in ("tok_embeddings", "norm", "output"):
-                if getattr(part, name, None) is not None:
-                    setattr(self, name, getattr(part, name))
-            self.layers.update(part.layers)
-
-
 class Checkpointer:
     """Saves and restores everything a resumed run needs to continue exactly. Inert when checkpoint.enable is
     false.
@@ -125,14 +72,11 @@ class Checkpointer:
     def __init__(self, cfg: JobConfig, model_parts: list[nn.Module], optimizer, lr_scheduler, dataloader,
                  states: dict[str, Stateful], dims, model_args, device: torch.device, log):
         self.cfg, self.c, self.log = cfg, cfg.checkpoint, log
-        self.model = model_parts[0] if len(model_parts) == 1 else ModelPartsView(model_parts)
-        self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
-        self.dataloader, self.states, self.model_args = dataloader, states, model_args
+        self.model_args = model_args
+        self.state = CheckpointedState(model_parts, optimizer, lr_scheduler, dataloader, states, dims,
+                                       f"{cfg.model.name} {cfg.model.flavor}", log)
         self.folder = checkpoint_folder(cfg)
-        self.rank = dist.get_rank() if dist.is_initialized() else 0
-        self.dp_rank, self.dp_degree = dims.coordinate("dp")
-        self.pipelined = dims.pp > 1  # this rank holds only some stages of the model
-        self.model_name = f"{cfg.model.name} {cfg.model.flavor}"
+        self.rank = self.state.rank
         self._pending: _PendingSave | None = None
         self._saved: set[Path] = set()
         self._signal: str | None = None
@@ -182,7 +126,7 @@ class Checkpointer:
         start = time.perf_counter()
         if plan.hf:
             try:
-                load_hf_weights(self.model, plan.path, self.model_args)
+                load_hf_weights(self.state.model, plan.path, self.model_args)
             except ValueError as e:
                 raise ConfigError(f"checkpoint.initial_load_path = {str(plan.path)!r}: {e}") from None
             parts = ["model (HF)"]
@@ -195,8 +139,8 @@ class Checkpointer:
                 self._set_aside(plan.path, problem, older[0])
                 plan.path = older.pop(0)
             parts = ["model"] if plan.model_only else \
-                [p for p in self._parts() if p not in self.c.exclude_from_loading]
-            parts = self._load_dcp(plan.path, parts)
+                [p for p in self.state.parts() if p not in self.c.exclude_from_loading]
+            parts = self.state.load(plan.path, parts)
         self.log(f"checkpoint: {'resumed from' if plan.resume else 'initial load from'} {plan.path} "
                  f"({', '.join(parts)}) in {time.perf_counter() - start:.2f}s")
 
@@ -238,77 +182,6 @@ class Checkpointer:
         target = self._on_rank0(rename, f"setting aside {path}")
         self.log(f"checkpoint: {path} is corrupt ({problem}); moved to {target.name}, resuming from {older} instead")
 
-    def _load_dcp(self, path: Path, parts: list[str]) -> list[str]:
-        try:
-            saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-        except Exception as e:
-            raise ConfigError(f"checkpoint {path}: unreadable DCP metadata ({_cause(e)}); the folder is corrupt, "
-                              f"delete it or pick another with checkpoint.load_step") from None
-        for part in parts:
-            if part != "rng" and not any(k.startswith(f"{part}.") for k in saved):
-                raise ConfigError(f"checkpoint {path} has no {part} state (a model-only save?); start from it with "
-                                  f"checkpoint.initial_load_path and initial_load_model_only = true, or add "
-                                  f"{part} to checkpoint.exclude_from_loading")
-        if "optimizer" in parts:  # first: it creates the optimizer state that the load then fills in
-            model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=OPTIONS)
-        else:
-            # get_state_dict would create the optimizer state with a zero-gradient step, which leaves Adam's step
-            # count at 1: the first real step would then be bias-corrected as the second.
-            model_sd, optim_sd = get_model_state_dict(self.model), None
-        check_model_fits(path, saved, {name: value.shape for name, value in model_sd.items()}, self.model_name,
-                         partial=self.pipelined)
-
-        saved_dp = sorted(int(m.group(1)) for k in saved if (m := DATALOADER_RE.fullmatch(k)))
-        same_dp = len(saved_dp) == self.dp_degree
-        loader_keys = [f"dp{r}" for r in ([self.dp_rank] if same_dp else saved_dp)]
-        rng_key = f"rank{self.rank}"
-        if "rng" in parts and f"rng.{rng_key}" not in saved:
-            parts.remove("rng")  # saved with fewer ranks: this one keeps its seeded state
-        state = {"model": model_sd, "optimizer": optim_sd, "lr_scheduler": self.lr_scheduler.state_dict(),
-                 **{name: obj.state_dict() for name, obj in self.states.items()},
-                 "dataloader": dict.fromkeys(loader_keys, b""),
-                 "rng": {rng_key: b""}}
-        state = {part: value for part, value in state.items() if part in parts}
-        try:
-            dcp.load(state, checkpoint_id=str(path))
-        except (Exception, CheckpointException) as e:
-            raise ConfigError(f"checkpoint {path} could not be read ({_cause(e)}); it is corrupt or incomplete: "
-                              f"delete it or pick another with checkpoint.load_step") from None
-
-        if "model" in state and "optimizer" in state:
-            set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
-                           optim_state_dict=state["optimizer"], options=OPTIONS)
-        elif "model" in state:
-            set_model_state_dict(self.model, state["model"])
-        elif "optimizer" in state:
-            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=OPTIONS)
-        if "lr_scheduler" in state:
-            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        for name, obj in self.states.items():
-            if name in state:
-                obj.load_state_dict(state[name])
-        if "rng" in state:
-            _set_rng_state(pickle.loads(state["rng"][rng_key]))
-        if "dataloader" in state:
-            self._load_dataloader(path, [pickle.loads(state["dataloader"][k]) for k in loader_keys], same_dp)
-        return parts
-
-    def _load_dataloader(self, path: Path, states: list[dict], same_dp: bool) -> None:
-        workers = self.dataloader.num_workers
-        if same_dp and saved_workers(states[0]) == workers:
-            self.dataloader.load_state_dict(states[0])
-            return
-        try:
-            position = resume_position(states, self.dp_rank, self.dp_degree)
-        except ValueError as e:
-            raise ConfigError(f"checkpoint {path}: cannot reshard the data position ({e}); add dataloader to "
-                              f"checkpoint.exclude_from_loading to restart the data") from None
-        # The loader starts where its dataset is: in this process, or in each worker process it copies it to.
-        self.dataloader.dataset.load_state_dict(position)
-        self.log(f"checkpoint: data position saved at data-parallel degree {len(states)} with "
-                 f"{saved_workers(states[0])} loader workers resharded to {self.dp_degree} with {workers}: no sample "
-                 f"is read twice or skipped")
-
     # --- save --------------------------------------------------------------------------------------------------
 
     def save(self, step: int, *, last: bool = False, force: bool = False) -> None:
@@ -325,21 +198,11 @@ class Checkpointer:
         elif force or step % self.c.interval == 0 or (step == 1 and self.c.enable_first_step_checkpoint):
             self._save_full(step, asynchronous=self.c.async_mode != "disabled" and not force)
 
-    def _parts(self) -> tuple[str, ...]:
-        """The top-level keys of a full checkpoint, in load order."""
-        return ("model", "optimizer", "lr_scheduler", "dataloader", *self.states, "rng")
-
-    def _state_dict(self) -> dict:
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=OPTIONS)
-        return {"model": model_sd, "optimizer": optim_sd, "lr_scheduler": self.lr_scheduler.state_dict(),
-                **{name: obj.state_dict() for name, obj in self.states.items()},
-                "dataloader": {f"dp{self.dp_rank}": pickle.dumps(self.dataloader.state_dict())},
-                "rng": {f"rank{self.rank}": pickle.dumps(_rng_state())}}
-
     def _info(self, step: int, model_only: bool, fmt: str) -> dict:
-        return {"step": step, "model": self.model_name, "model_only": model_only, "format": fmt,
-                "dp_degree": self.dp_degree, "world_size": dist.get_world_size() if dist.is_initialized() else 1,
-                "seq_len": self.cfg.training.seq_len, **{name: obj.state_dict() for name, obj in self.states.items()}}
+        state = self.state
+        return {"step": step, "model": state.model_name, "model_only": model_only, "format": fmt,
+                "dp_degree": state.dp_degree, "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+                "seq_len": self.cfg.training.seq_len, **{name: obj.state_dict() for name, obj in state.states.items()}}
 
     def _claim(self, path: Path) -> bool:
         """Make `path` ready for a new save. False (skip) when it is complete already: never overwritten. A partial
@@ -374,7 +237,7 @@ class Checkpointer:
             except ConfigError as e:
                 box[0] = (type(e), str(e))
             except Exception as e:
-                box[0] = (CheckpointError, f"checkpoint: {what} failed: {_cause(e)}")
+                box[0] = (CheckpointError, f"checkpoint: {what} failed: {dcp_cause(e)}")
         if dist.is_initialized():
             dist.broadcast_object_list(box, src=0, group=self._flag_pg)
         kind, value = box[0]
@@ -387,12 +250,12 @@ class Checkpointer:
         self.wait()  # one save at a time: the next one starts when the previous one is complete
         if not self._claim(path):
             return
-        start, state, info = time.perf_counter(), self._state_dict(), self._info(step, False, "dcp")
+        start, state, info = time.perf_counter(), self.state.state_dict(), self._info(step, False, "dcp")
         if not asynchronous:
             try:
                 dcp.save(state, storage_writer=ChecksummedWriter(str(path)))
             except CheckpointException as e:  # raised on every rank, whichever rank's write failed
-                raise self._save_failed(path, _cause(e)) from None
+                raise self._save_failed(path, dcp_cause(e)) from None
             # dcp.save returns on rank 0 only after every rank's write results reached it and .metadata is written.
             self._on_rank0(lambda: self._complete(path, info, start), f"completing {path}")
             self._saved.add(path)
@@ -452,13 +315,13 @@ class Checkpointer:
             return
         start, dtype = time.perf_counter(), getattr(torch, self.c.export_dtype)
         if self.c.last_save_in_hf:
-            save_hf_weights(self.model, path, self.model_args, dtype)  # rank 0 writes every file
+            save_hf_weights(self.state.model, path, self.model_args, dtype)  # rank 0 writes every file
         else:
-            model_sd = {name: value.to(dtype) for name, value in get_model_state_dict(self.model).items()}
+            model_sd = {name: value.to(dtype) for name, value in get_model_state_dict(self.state.model).items()}
             try:
                 dcp.save({"model": model_sd}, storage_writer=ChecksummedWriter(str(path)))
             except CheckpointException as e:
-                raise self._save_failed(path, _cause(e)) from None
+                raise self._save_failed(path, dcp_cause(e)) from None
         info = self._info(step, True, "hf" if self.c.last_save_in_hf else "dcp")
         self._on_rank0(lambda: self._complete(path, info, start, purge=False), f"completing {path}")
         self._saved.add(path)
@@ -478,10 +341,10 @@ class Checkpointer:
         failure = failure or pending.error
         if dist.is_initialized():  # the writer threads are done: the flag group is free
             every = [None] * dist.get_world_size()
-            dist.all_gather_object(every, failure and _cause(failure), group=self._flag_pg)
+            dist.all_gather_object(every, failure and dcp_cause(failure), group=self._flag_pg)
             cause = next((c for c in every if c), None)
         else:
-            cause = failure and _cause(failure)
+            cause = failure and dcp_cause(failure)
         if cause is not None:
             raise self._save_failed(pending.path, cause)
 

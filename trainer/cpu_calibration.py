@@ -50,9 +50,9 @@ def _gloo(rank: int) -> tuple[float, float]:
     return x.numel() * 4 / best, latency  # a 2-rank ring all-reduce sends each rank's whole buffer once
 
 
-def _step_seconds(name: str, repeats: int = 8) -> tuple[float, int]:
-    """Best time of a forward + loss + backward of the debug model on _TOKENS tokens in layout `name`, and its
-    number of blocks."""
+def _step_seconds(name: str, repeats: int = 8) -> tuple[float, int, int]:
+    """Best time of a forward + loss + backward of the debug model on _TOKENS tokens in layout `name`, its number
+    of blocks and the bytes of one block's (unsharded) parameters."""
     import torch.distributed as dist
 
     from trainer.build import build_model, plan_run
@@ -80,7 +80,8 @@ def _step_seconds(name: str, repeats: int = 8) -> tuple[float, int]:
             cross_entropy_loss(model.model(inputs), labels).backward()
         if i >= 2:  # the first steps build caches (sharding propagation, autograd graphs)
             best = min(best, time.perf_counter() - start)
-    return best, plan.model_args.n_layers
+    block = sum(p.numel() for n, p in model.model.named_parameters() if n.startswith("layers.0."))
+    return best, plan.model_args.n_layers, block * 4  # DTensor.numel() is the unsharded count
 
 
 def _sync_seconds(rounds: int = 30) -> float:
@@ -123,11 +124,13 @@ def _probe(rank: int, port: str, world: int) -> None:
     bandwidth, latency = _gloo(rank)
     seconds = {}
     for name in _LAYOUTS:
-        seconds[name], layers = _step_seconds(name)
+        seconds[name], layers, block_bytes = _step_seconds(name)
+        if name == "plain":
+            probe_block_bytes = block_bytes
     if rank == 0:
         per_block = {name: s / layers for name, s in seconds.items()}
         print(json.dumps({"gloo_bandwidth": bandwidth, "gloo_latency": latency,
-                          "block_overhead": per_block["plain"],
+                          "block_overhead": per_block["plain"], "probe_block_bytes": probe_block_bytes,
                           **{f"{n}_block_overhead": max(0.0, per_block[n] - per_block["plain"])
                              for n in ("fsdp", "tp", "cp")}}))
     dist.barrier()
@@ -138,7 +141,8 @@ def measure() -> dict[str, float]:
     """The figures, from two processes of one thread each on this machine (best of several repeats): gloo_bandwidth
     (bytes/s one rank moves in an all-reduce), gloo_latency (seconds), block_overhead (seconds of one block's
     forward and backward that are not compute, plain tensors) and fsdp_/tp_/cp_block_overhead (what a degree of 2
-    adds to it); then from twice as many processes as cores, oversubscribed_sync: the seconds a collective costs
+    adds to it, its collectives included: trainer.device_profiles takes those out, priced as the cost model prices
+    them, with probe_block_bytes, the fp32 bytes of one block's parameters); then from twice as many processes as cores, oversubscribed_sync: the seconds a collective costs
     busy ranks that time-share the cores (oversubscribed_ranks of them)."""
     from trainer.device_profiles import cpu_cores
 

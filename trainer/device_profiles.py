@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from trainer.cost_model import CP_PASSES_PER_BLOCK, TP_COLLECTIVES_PER_BLOCK
 from trainer.cpu_calibration import measure as measure_cpu
 from trainer.metrics import GPU_PEAK_FLOPS, cpu_peak_flops
 
@@ -85,18 +86,18 @@ def _cache_path() -> Path:
 
 
 _CALIBRATED = {"gloo_bandwidth", "gloo_latency", "block_overhead", "fsdp_block_overhead", "tp_block_overhead",
-               "cp_block_overhead", "oversubscribed_ranks", "oversubscribed_sync"}
+               "cp_block_overhead", "probe_block_bytes", "oversubscribed_ranks", "oversubscribed_sync"}
 
 
 def cpu_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def cpu_profile(world_size: int, measure: bool = False) -> DeviceProfile:
-    """This machine, its cores and RAM shared by `world_size` ranks (as run_train.sh shares them). The matmul peak is
-    trainer.metrics' (one cache for MFU and the planner); gloo and the framework's costs per block are measured once
-    (trainer.cpu_calibration) and cached in ~/.cache/trainer/cpu_planner_profile.json; `measure`: again now (the
-    peak keeps its highest measurement, see cpu_peak_flops)."""
+def cpu_calibration(measure: bool = False) -> dict[str, float]:
+    """The raw figures behind this machine's CPU profile: trainer.cpu_calibration's (measured once and cached in
+    ~/.cache/trainer/cpu_planner_profile.json; `measure`: again now), the matmul peak with every core (trainer.metrics'
+    cache, which keeps its highest measurement, see cpu_peak_flops), the cores and the RAM. `cpu_profile_from` turns
+    them into a profile; scripts/plan_check.py stores them so a measurement can be re-predicted elsewhere."""
     cache = _cache_path()
     key = f"{platform.processor() or platform.machine()}|{os.cpu_count()}|{torch.__version__}"
     try:
@@ -110,21 +111,41 @@ def cpu_profile(world_size: int, measure: bool = False) -> DeviceProfile:
             cache.write_text(json.dumps(table, indent=1))
         except OSError:
             pass
-    measured = table[key]
     cores = cpu_cores()
-    peak = cpu_peak_flops(torch.float32, cores, measure)
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return {**table[key], "peak_flops": cpu_peak_flops(torch.float32, cores, measure), "cores": cores,
+            "ram_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")}
+
+
+def cpu_profile_from(measured: dict[str, float], world_size: int) -> DeviceProfile:
+    """The CPU profile for `world_size` ranks sharing the cores and RAM (as run_train.sh shares them) from
+    cpu_calibration's figures."""
+    cores = measured["cores"]
     # achievable 0.5: a training step's matmuls on CPU are smaller than the 1024^2 product the peak is timed on.
     # overhead: a training process of a tiny model (benchmodel, seq 16, 4.4M parameters) peaks 0.12 GiB (1 rank) /
     # 0.09 GiB (2 ranks) above one that only imported the trainer, of which 0.066 / 0.033 GiB are its parameters,
     # gradients and AdamW state: 0.06 GiB is the process's own (gloo, data loader, metrics writers).
     latency = measured["gloo_latency"]
+    # The probe's FSDP, TP and CP blocks (degree 2, 8 tokens) include their collectives, which the cost model prices
+    # on their own (per collective and per byte): take them out as it prices them, so they count once. Per block:
+    # FSDP two all-gathers of the parameters and one reduce-scatter of the gradients (half of each moves), TP its
+    # 8 sequence-parallel collectives, CP its 3 ring passes (activations of 8 tokens: latency only). CP shards its
+    # parameters with FSDP over the cp ranks: the CP probe includes the FSDP probe's cost, which the cost model
+    # adds on its own wherever FSDP runs.
+    fsdp = measured["fsdp_block_overhead"] - 3 * (measured["probe_block_bytes"] / 2 / measured["gloo_bandwidth"]
+                                                  + latency)
+    tp = measured["tp_block_overhead"] - TP_COLLECTIVES_PER_BLOCK * latency
+    cp = measured["cp_block_overhead"] - measured["fsdp_block_overhead"] - CP_PASSES_PER_BLOCK * latency
     if world_size > cores:  # a collective waits for its ranks to be scheduled: per hop of a ring, as priced
         latency = max(latency, measured["oversubscribed_sync"] / (measured["oversubscribed_ranks"] - 1))
-    return DeviceProfile("cpu", ram // world_size, peak / world_size, 0.5, 10 * GB,
-                         measured["gloo_bandwidth"], measured["gloo_bandwidth"], latency,
-                         False, int(0.06 * GiB), measured["block_overhead"], measured["fsdp_block_overhead"],
-                         measured["tp_block_overhead"], measured["cp_block_overhead"], max(1.0, world_size / cores))
+    return DeviceProfile("cpu", int(measured["ram_bytes"]) // world_size, measured["peak_flops"] / world_size, 0.5,
+                         10 * GB, measured["gloo_bandwidth"], measured["gloo_bandwidth"], latency,
+                         False, int(0.06 * GiB), measured["block_overhead"], max(0.0, fsdp), max(0.0, tp),
+                         max(0.0, cp), max(1.0, world_size / cores))
+
+
+def cpu_profile(world_size: int, measure: bool = False) -> DeviceProfile:
+    """This machine's CPU profile for `world_size` ranks (cpu_calibration, cached; `measure`: again now)."""
+    return cpu_profile_from(cpu_calibration(measure), world_size)
 
 
 def device_profile(name: str, world_size: int) -> DeviceProfile:

@@ -1,8 +1,11 @@
-"""Process-group setup and teardown for torchrun-launched ranks (or one plain process)."""
+"""Process start and stop for torchrun-launched ranks (or one plain process): process-group setup, errors every
+rank agrees on, the one-line report and exit code of a failed run, and the gloo-safe teardown."""
 
 import os
+import signal
 import sys
 import time
+import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -176,6 +179,31 @@ def absent_ranks(rank: int, grace: float = 5.0) -> list[int] | None:
             time.sleep(0.1)
     except Exception:  # the store went down with the rank that hosted it
         return None
+
+
+def report_failure(e: BaseException, rank: int) -> int:
+    """Report the exception that ended this rank's run and return the exit code: 2 for a ConfigError (every rank
+    reaches the same verdict, so one line on stderr from rank 0), 1 for a failed collective (one line per rank) or
+    a bug (its traceback)."""
+    if isinstance(e, ConfigError):
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        elif "TORCHELASTIC_RUN_ID" in os.environ:
+            _leave_the_report_to_rank0()
+        return 2
+    if (line := collective_failure(e, rank)) is not None:
+        print(f"error: {line}", file=sys.stderr, flush=True)
+    else:
+        traceback.print_exception(e)
+    return 1
+
+
+def _leave_the_report_to_rank0(limit_s: float = 60) -> None:
+    """Under torchrun the first rank to exit makes the agent stop the others: a rank that exits before rank 0 has
+    printed the config error gets rank 0 killed unheard (seen at NGPU=8 on 2 cores). So the other ranks wait to be
+    stopped, SIGTERM ending them at once, and exit by themselves only if nobody does within `limit_s`."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    time.sleep(limit_s)
 
 
 def shutdown(exit_code: int, clean: bool) -> None:

@@ -16,8 +16,9 @@ Memory per rank (the fullest pipeline rank):
   with its gradients). Checked against a counted forward and backward on fake tensors (tests/unit/test_planner.py).
 - communication buffers: FSDP's all-gathered blocks in the compute dtype (current and prefetched, or all of them
   when blocks stay unsharded between forward and backward), its reduce-scatter inputs in the reduce dtype, the root
-  module (embedding, norm, output) kept unsharded through the step; sequence-parallel, ring-attention and pipeline
-  send/receive buffers.
+  module (embedding, norm, output) kept unsharded through the step, and under PP the unsharded gradients FSDP
+  accumulates until the step's one reduce-scatter; sequence-parallel, ring-attention and pipeline send/receive
+  buffers.
 - framework overhead: per device profile (trainer/device_profiles.py).
 
 Speed: trainer/cost_model.py. The printed table and the command line: trainer/plan_report.py.
@@ -122,6 +123,8 @@ class Estimate:
     accum_steps: int
     local_elements: list[int]
     """Parameter elements each pipeline rank holds (one entry without PP)."""
+    memory_per_rank: list[dict[str, int]] = field(default_factory=list)
+    """`memory` of each pipeline rank (one entry without PP)."""
 
 
 class _ParamShapes:
@@ -227,7 +230,7 @@ class Planner:
         ac = cfg.activation_checkpoint
         total_weight = sum(math.prod(s) for n, s in shapes.items() if not n.startswith("tok_embeddings"))
         worst, worst_weight, worst_layers, worst_local, worst_unsharded = None, 0, 1, 0, 0
-        per_rank = []
+        per_rank, memory_per_rank = [], []
         for r in range(layout.pp):
             stage_ids = pp_plan.stage_ids(r) if pp_plan else [0]
             modules = {m for s in stage_ids for m in pp_plan.modules_per_stage[s]} if pp_plan else None
@@ -254,6 +257,11 @@ class Planner:
             if plan.dims.fsdp_enabled:
                 gathered = 2 * block if reshard else len(blocks) * block
                 comm += (gathered + root) * pbytes + 2 * block * rbytes
+                if pp_plan:
+                    # torch's pipeline stages turn FSDP's gradient sync off for every backward and reduce-scatter
+                    # once after the last (PipelineStage.perform_reduce_grad): each stage accumulates its gradients
+                    # unsharded, in the reduce dtype, from its first backward to the end of the step.
+                    comm += unsharded * rbytes
             elif pbytes < 4:
                 comm += unsharded * pbytes  # autocast's cached low-precision copies of the weights
             comm += (2 * mb_tokens * args.dim * pbytes if layout.tp > 1 else 0) + \
@@ -264,6 +272,7 @@ class Planner:
                       "optimizer": local * state["optimizer"], "activations": int(act),
                       "comm": comm, "overhead": self.device.overhead_bytes}
             memory["total"] = sum(memory.values())
+            memory_per_rank.append(memory)
             weight = sum(math.prod(s) for n, s in mine.items() if not n.startswith("tok_embeddings"))
             if worst is None or memory["total"] > worst["total"]:
                 worst = memory
@@ -277,11 +286,11 @@ class Planner:
                           recompute_factor(layout.ac_mode, ac.selective_ac_option), worst_unsharded * pbytes,
                           worst_unsharded * rbytes, worst_local,
                           {"always": True, "never": False, "default": layout.pp == 1}[layout.reshard],
-                          worst_layers, args.dim, kv_dim, pbytes)
+                          worst_layers, args.dim, kv_dim, pbytes, plan.dims.ddp_enabled)
         seconds = step_seconds(shape, self.device, self.gpus_per_node)
         tps = plan.tokens_per_step / seconds["total"] / self.world_size
         mfu = flops_per_token(args, seq) * tps / self.device.peak_flops
-        return Estimate(layout, worst, seconds, tps, mfu, plan.accum_steps, per_rank)
+        return Estimate(layout, worst, seconds, tps, mfu, plan.accum_steps, per_rank, memory_per_rank)
 
 
 def _reason(error: ConfigError) -> str:

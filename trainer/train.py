@@ -5,7 +5,6 @@ Launched by run_train.sh (torchrun), or as `python -m trainer.train --job.config
 
 import gc
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from trainer.build import attention_summary, bf16_speed_note, build_model, check
 from trainer.checkpoint import Checkpointer
 from trainer.config import ConfigError, JobConfig, help_text, load_config, save_config
 from trainer.data.dataloader import build_dataloader, to_device
-from trainer.distributed import agreed_errors, collective_failure, init_distributed, set_timeouts, shutdown
+from trainer.distributed import agreed_errors, init_distributed, report_failure, set_timeouts, shutdown
 from trainer.metrics import MetricsLogger, peak_flops
 from trainer.models.llama import flops_per_token, num_params
 from trainer.optim import build_lr_scheduler, build_optimizer, clip_grad_norm_
@@ -367,32 +366,11 @@ def run(argv: list[str], observers: tuple[LoopObserver, ...] = ()) -> int:
         trainer = Trainer(cfg, observers)
         trainer.train()
         return 0
-    except ConfigError as e:
-        # Every rank reaches the same verdict; one line from rank 0 is enough.
-        if rank == 0:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        elif "TORCHELASTIC_RUN_ID" in os.environ:
-            _leave_the_report_to_rank0()
-        return 2
     except BaseException as e:
-        if (line := collective_failure(e, rank)) is not None:
-            print(f"error: {line}", file=sys.stderr, flush=True)
-        else:
-            import traceback
-
-            traceback.print_exc()
-        return 1
+        return report_failure(e, rank)
     finally:
         if trainer is not None:
             trainer.close()
-
-
-def _leave_the_report_to_rank0(limit_s: float = 60) -> None:
-    """Under torchrun the first rank to exit makes the agent stop the others: a rank that exits before rank 0 has
-    printed the config error gets rank 0 killed unheard (seen at NGPU=8 on 2 cores). So the other ranks wait to be
-    stopped, SIGTERM ending them at once, and exit by themselves only if nobody does within `limit_s`."""
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    time.sleep(limit_s)
 
 
 def main(argv: list[str] | None = None) -> None:

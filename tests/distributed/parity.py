@@ -5,7 +5,8 @@ Every layout reads the same global batch per step (tests/distributed/layouts.py)
 after step 1.
 """
 
-from trainer.models.llama import Transformer, get_model_args
+from trainer.models.flavors import get_model_args
+from trainer.models.llama import Transformer
 
 from tests.distributed.layouts import SEED, STEPS
 

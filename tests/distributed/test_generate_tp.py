@@ -10,8 +10,9 @@ import torch
 
 from tests.unit.test_generation import TOKENIZER, save_hf_llama
 from trainer.data.tokenizer import Tokenizer
+from trainer.models.flavors import get_model_args
 from trainer.models.hf import from_hf_state_dict, load_hf_checkpoint
-from trainer.models.llama import ModelArgs, get_model_args
+from trainer.models.llama import ModelArgs
 
 # dcp.save(no_dist=True) says it assumes one process, which is what the fixture means.
 pytestmark = [pytest.mark.distributed, pytest.mark.filterwarnings("ignore:torch.distributed is disabled")]

@@ -20,7 +20,8 @@ from tests.distributed.layouts import base_overrides, layout_args
 from trainer.data.datasets import C4_TEST_PATH, build_dataset
 from trainer.data.tokenizer import Tokenizer
 from trainer.models.attention import document_ids
-from trainer.models.llama import Transformer, get_model_args
+from trainer.models.flavors import get_model_args
+from trainer.models.llama import Transformer
 
 TRAIN_STEPS, FREQ, VAL_SEQ, TRAIN_SEQ = 4, 2, 32, 64
 TOLERANCE = 1e-6

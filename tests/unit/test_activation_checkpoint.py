@@ -8,7 +8,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from trainer.config import load_config
 from trainer.config.job_config import ActivationCheckpoint
 from trainer.dry_run import activation_bytes, dry_run
-from trainer.models.llama import ModelArgs, Transformer, get_model_args
+from trainer.models.flavors import get_model_args
+from trainer.models.llama import ModelArgs, Transformer
 from trainer.parallel import activation_checkpoint
 from trainer.parallel.activation_checkpoint import apply_activation_checkpointing, is_checkpointed
 from trainer.parallel.compile import apply_compile

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from trainer.checkpoint_files import MARKER
 from trainer.config import ConfigError, load_config
-from trainer.config.manager import CHECKPOINT_PARTS
+from trainer.config.checks import CHECKPOINT_PARTS
 from trainer.train import Trainer
 
 transformers = pytest.importorskip("transformers")
@@ -173,7 +173,7 @@ def test_keep_latest_k_resume_and_never_overwrite(tmp_path, capsys):
     out = capsys.readouterr().out
     assert trainer.step == 5 and f"resumed from {folder / 'step-5'} " in out
     # What checkpoint.exclude_from_loading may name is exactly what the Trainer's checkpoints hold.
-    assert sorted(trainer.checkpointer._parts()) == sorted(CHECKPOINT_PARTS)
+    assert sorted(trainer.checkpointer.state.parts()) == sorted(CHECKPOINT_PARTS)
     assert f"{folder / 'export/step-5'} is complete already; not overwritten" in out
 
     # Going back with load_step retrains step 5, but the complete step-5 folder is left as it was.

@@ -12,7 +12,7 @@ from unittest import mock
 import pytest
 import torch
 
-from trainer import checkpoint, metrics
+from trainer import checkpoint_state, metrics
 from trainer import train as train_module
 from trainer import validate as validate_module
 from trainer.build import build_model, plan_run
@@ -129,12 +129,12 @@ def test_rng_state_is_this_ranks_gpu_only(monkeypatch):
     # CUDA_VISIBLE_DEVICES per rank). Restoring every saved GPU by index failed there: device 1 does not exist.
     saver = FakeGPUs(count=4, current=2)
     saver.install(monkeypatch)
-    saved = checkpoint._rng_state()
+    saved = checkpoint_state._rng_state()
     assert torch.equal(saved["cuda"], torch.tensor([2], dtype=torch.uint8))
     resumer = FakeGPUs(count=1, current=0)
     resumer.install(monkeypatch)
     python_state = random.getstate()
-    checkpoint._set_rng_state(saved)
+    checkpoint_state._set_rng_state(saved)
     assert torch.equal(resumer.states[0], torch.tensor([2], dtype=torch.uint8))
     assert random.getstate() == python_state
 
@@ -161,16 +161,16 @@ def test_gloo_trains_on_cpu_where_gpus_are_visible(gpus_visible, monkeypatch, ca
     assert "COMM_BACKEND = gloo: training on CPU although 8 GPU(s) are visible" in out and out.count("\n") == 1
 
 
-def test_optimizer_kernel_is_fused_on_cuda_and_foreach_on_cpu():
+def test_optimizer_kernel_is_fused_on_one_device_type_and_foreach_across_them():
     cpu = [torch.nn.Parameter(torch.zeros(2))]
     cuda = [SimpleNamespace(device=CUDA0, is_floating_point=lambda: True)] * 2
     assert optimizer_kernel("auto", cuda) == "fused"
-    assert optimizer_kernel("auto", cuda + cpu) == "foreach"
-    assert optimizer_kernel("auto", cpu) == "foreach"
+    assert optimizer_kernel("auto", cpu) == "fused"
+    assert optimizer_kernel("auto", cuda + cpu) == "foreach"  # one fused kernel cannot span two device types
     assert optimizer_kernel("for-loop", cuda) == "for-loop"
     cfg = load_config([])
     assert cfg.optimizer.implementation == "auto"
-    assert build_optimizer(cpu, cfg.optimizer).defaults["foreach"] is True
+    assert build_optimizer(cpu, cfg.optimizer).defaults["fused"] is True
 
 
 def test_model_that_cannot_fit_the_gpu_is_refused_before_materializing(monkeypatch):

@@ -15,7 +15,8 @@ from trainer.build import plan_run
 from trainer.config import ConfigError, load_config
 from trainer.models.attention import (block_causal_mask_mod, boolean_block_causal_mask, document_ids,
                                       masked_attention, varlen_metadata)
-from trainer.models.llama import FLAVORS, ModelArgs, Transformer, get_model_args
+from trainer.models.flavors import FLAVORS, get_model_args
+from trainer.models.llama import ModelArgs, Transformer
 
 EOS = 1
 # Three documents ending in EOS, then the start of a fourth that the window cuts off.

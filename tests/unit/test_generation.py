@@ -15,9 +15,10 @@ import torch
 
 from trainer.data.tokenizer import Tokenizer
 from trainer.generation import cast_weights, generate, sample_next
+from trainer.models.flavors import get_model_args
 from trainer.models.hf import from_hf_state_dict, hf_config_from_args, load_hf_checkpoint, save_hf_checkpoint
 from trainer.models.kv_cache import KVCache
-from trainer.models.llama import ModelArgs, Transformer, get_model_args
+from trainer.models.llama import ModelArgs, Transformer
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKENIZER = ROOT / "tests/assets/tokenizer"

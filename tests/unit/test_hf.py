@@ -19,7 +19,8 @@ from trainer.models.hf import (
     save_hf_checkpoint,
     to_hf_state_dict,
 )
-from trainer.models.llama import Transformer, get_model_args
+from trainer.models.flavors import get_model_args
+from trainer.models.llama import Transformer
 
 ATOL = 1e-5
 

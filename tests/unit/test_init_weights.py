@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from trainer.models.llama import Transformer, get_model_args
+from trainer.models.flavors import get_model_args
+from trainer.models.llama import Transformer
 from trainer.weights import init_weights
 
 

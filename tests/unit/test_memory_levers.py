@@ -15,7 +15,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy
 
 import trainer.build as build
 from trainer.build import bf16_speed_note, build_model, plan_run
-from trainer.checkpoint import OPTIONS
+from trainer.checkpoint_state import OPTIONS
 from trainer.config import ConfigError, load_config
 from trainer.config.job_config import Optimizer
 from trainer.dry_run import dry_run

@@ -6,15 +6,8 @@ import math
 import pytest
 import torch
 
-from trainer.models.llama import (
-    FLAVORS,
-    ModelArgs,
-    RopeScaling,
-    Transformer,
-    flops_per_token,
-    get_model_args,
-    num_params,
-)
+from trainer.models.flavors import FLAVORS, get_model_args
+from trainer.models.llama import ModelArgs, RopeScaling, Transformer, flops_per_token, num_params
 
 TINY = ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=128, max_seq_len=64)
 

@@ -9,7 +9,8 @@ import torch
 
 from trainer.config import ConfigError
 from trainer.config.job_config import Parallelism
-from trainer.models.llama import Transformer, get_model_args
+from trainer.models.flavors import get_model_args
+from trainer.models.llama import Transformer
 from trainer.weights import init_weights
 from trainer.parallel.pipeline import plan_pipeline, split_evenly, split_model
 

@@ -1,6 +1,7 @@
 """The layout planner (trainer/planner.py): what it enumerates, that plan_run agrees with every layout it keeps,
 that its parameter memory is the real sharded model's, the no-fit line, and a stable ranking."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -10,9 +11,11 @@ import torch.distributed as dist
 
 from trainer.build import build_model, local_param_elements, plan_run
 from trainer.config import ConfigError, load_config
-from trainer.device_profiles import GiB
+from trainer.cost_model import TP_COLLECTIVES_PER_BLOCK, StepShape, step_seconds
+from trainer.device_profiles import GiB, DeviceProfile
 from trainer.dry_run import main as dry_run_main
 from trainer.models.llama import num_params
+from trainer.parallel.ddp import BUCKET_CAP_MB
 from trainer.planner import Layout, Planner, enumerate_layouts, no_fit_error, plan, with_overrides
 from trainer.torch_private import init_fake_process_group
 
@@ -123,6 +126,29 @@ def test_no_fit_is_one_line_naming_the_smallest_world():
     assert line.endswith("the smallest NGPU that fits is 2")
 
 
+@pytest.mark.parametrize("entry", ["dry_run", pytest.param("script", marks=pytest.mark.slow)])
+def test_no_fit_from_the_command_line_is_one_line_and_exit_2(entry, monkeypatch, capsys):
+    """DRY_RUN=1 NGPU=1 ./run_train.sh --plan (trainer.dry_run) and scripts/plan.py --ngpu 1, for 8B on one H100."""
+    args = ["--device", "h100", "--job.config_file", str(ROOT / "configs/llama3_8b.toml"), "--model.flavor", "8B"]
+    if entry == "dry_run":
+        monkeypatch.setenv("NGPU", "1")
+        with pytest.raises(SystemExit) as exit_:
+            dry_run_main(["--plan", *args])
+        code = exit_.value.code
+    else:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("plan_script", ROOT / "scripts/plan.py")
+        script = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(script)
+        code = script.main(["--ngpu", "1", *args])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == ""
+    (line,) = captured.err.strip().splitlines()
+    assert line.startswith("error: llama3 8B at seq_len 8192 fits no layout on 1 x h100")
+    assert line.endswith("the smallest NGPU that fits is 2")
+
+
 def test_ranking_is_deterministic_and_fastest_first():
     first, second = plan(debug_cfg(), 4, "h100", 8), plan(debug_cfg(), 4, "h100", 8)
     assert [e.layout for e in first.fits] == [e.layout for e in second.fits]
@@ -181,12 +207,18 @@ def test_cpu_profile_is_measured_once_and_cached(monkeypatch, tmp_path):
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     figures = {"gloo_bandwidth": 1e9, "gloo_latency": 5e-5, "block_overhead": 2e-3, "fsdp_block_overhead": 1e-3,
-               "tp_block_overhead": 4e-3, "cp_block_overhead": 3e-3, "oversubscribed_ranks": 4,
-               "oversubscribed_sync": 3e-3}
+               "tp_block_overhead": 4e-3, "cp_block_overhead": 3e-3, "probe_block_bytes": 1e5,
+               "oversubscribed_ranks": 4, "oversubscribed_sync": 3e-3}
     monkeypatch.setattr(device_profiles, "measure_cpu", lambda: figures)
     cores = device_profiles.cpu_cores()
     profile = device_profiles.cpu_profile(2 * cores)
-    assert not profile.overlaps_comm and profile.oversubscription == 2 and profile.tp_block_overhead == 4e-3
+    assert not profile.overlaps_comm and profile.oversubscription == 2
+    # The probe's own collectives (priced by the cost model on their own) are taken out of its overheads: TP's 8
+    # latencies; FSDP's two gathers and one reduce-scatter of a 100 kB block at degree 2 (half of each moves).
+    assert profile.tp_block_overhead == pytest.approx(4e-3 - 8 * 5e-5)
+    assert profile.fsdp_block_overhead == pytest.approx(1e-3 - 3 * (0.5e5 / 1e9 + 5e-5))
+    # CP's probe shards its parameters with FSDP over the cp ranks: FSDP's part is taken out (the model adds it).
+    assert profile.cp_block_overhead == pytest.approx(3e-3 - 1e-3 - 3 * 5e-5)
     assert profile.collective_latency == 1e-3  # oversubscribed: the measured wait of a 4-rank collective, per hop
     # The matmul peak is the one MFU uses (trainer.metrics' cache), shared by the ranks; not cached twice.
     assert profile.peak_flops == metrics.cpu_peak_flops(torch.float32, cores) / (2 * cores)
@@ -221,3 +253,81 @@ def test_cpu_calibration_probe():
     assert figures["gloo_bandwidth"] > 0 and 0 < figures["gloo_latency"] < 1 and figures["block_overhead"] > 0
     assert all(figures[f"{n}_block_overhead"] >= 0 for n in ("fsdp", "tp", "cp"))
     assert figures["oversubscribed_ranks"] >= 4 and figures["oversubscribed_sync"] >= 0
+
+
+def _shape(**kw) -> StepShape:
+    """A step of 6 blocks, 1 MB of parameters per rank, on one rank of each degree unless given."""
+    base = dict(dp_replicate=1, dp_shard=1, cp=1, tp=1, pp=1, schedule=None, stages_per_rank=1, microbatches=1,
+                accum_steps=1, tokens_per_rank=4096, train_flops=1e12, recompute=1.0, unsharded_param_bytes=10**6,
+                grad_reduce_bytes=10**6, local_params=10**5, reshard=True, n_layers_rank=6, dim=256, kv_dim=256,
+                act_bytes=4)
+    return StepShape(**{**base, **kw})
+
+
+# CPU-like: nothing overlaps; bandwidth 1 GB/s, latency 0.1 ms; no framework cost.
+_DEV = DeviceProfile("test", 2**40, 1e12, 0.5, 1e10, 1e9, 1e9, 1e-4, False, 0)
+
+
+def _ring(bytes_, n, count, dev=_DEV):
+    return dev.oversubscription * bytes_ * (n - 1) / n / 1e9 + count * (n - 1) * 1e-4
+
+
+def test_fsdp_under_pp_gathers_and_reduces_once_a_step():
+    # torch's pipeline stages switch FSDP's gradient sync off for every backward and reduce-scatter once after the
+    # last (PipelineStage.perform_reduce_grad); blocks kept unsharded (reshard False) are gathered once.
+    kept = step_seconds(_shape(dp_shard=2, pp=2, schedule="1F1B", microbatches=8, reshard=False), _DEV, 8)
+    assert kept["fsdp"] == pytest.approx(_ring(10**6, 2, 6) + _ring(10**6, 2, 6))
+    resharded = step_seconds(_shape(dp_shard=2, pp=2, schedule="1F1B", microbatches=8), _DEV, 8)
+    assert resharded["fsdp"] == pytest.approx(_ring(16 * 10**6, 2, 16 * 6) + _ring(10**6, 2, 6))
+    # FSDP's framework cost goes with its collective rounds (measured at 2 gathers + 1 reduce a block), not with
+    # the microbatches: 6 blocks x 2 rounds of 3.
+    fsdp_cost = dataclasses.replace(_DEV, fsdp_block_overhead=3e-3)
+    no_fsdp = step_seconds(_shape(pp=2, schedule="1F1B", microbatches=8), fsdp_cost, 8)
+    kept = step_seconds(_shape(dp_shard=2, pp=2, schedule="1F1B", microbatches=8, reshard=False), fsdp_cost, 8)
+    assert kept["framework"] - no_fsdp["framework"] == pytest.approx(3e-3 * 6 * 2 / 3)
+    # Without PP: every forward and backward gathers, every backward reduces (per accumulation microbatch).
+    plain = step_seconds(_shape(dp_shard=2, accum_steps=3), _DEV, 8)
+    assert plain["fsdp"] == pytest.approx(3 * (_ring(2 * 10**6, 2, 12) + _ring(10**6, 2, 6)))
+
+
+def test_ddp_all_reduces_once_a_step_in_buckets():
+    # DDP skips the sync on all but the last accumulation microbatch; one ring all-reduce (a reduce-scatter and an
+    # all-gather) per bucket of BUCKET_CAP_MB.
+    grads = 10 * 2**20
+    buckets = -(-grads // (BUCKET_CAP_MB * 2**20))
+    for accum in (1, 4):
+        ddp = step_seconds(_shape(dp_replicate=4, ddp=True, accum_steps=accum, grad_reduce_bytes=grads), _DEV, 8)
+        assert ddp["replicate"] == pytest.approx(2 * _ring(grads, 4, buckets))
+    # HSDP: FSDP2's all-reduce of the sharded gradients per block, every microbatch.
+    hsdp = step_seconds(_shape(dp_replicate=2, dp_shard=2, accum_steps=4, grad_reduce_bytes=grads), _DEV, 8)
+    assert hsdp["replicate"] == pytest.approx(4 * 2 * _ring(grads / 2, 2, 6))
+
+
+def test_oversubscription_stretches_the_bytes_of_a_collective_not_its_latency():
+    # The oversubscribed latency is measured among ranks that time-share the cores (the wait until all are
+    # scheduled): stretching it again would count the time-sharing twice. gloo's copies take `o` times longer.
+    shared = dataclasses.replace(_DEV, oversubscription=2.0, block_overhead=1e-3)
+    one, two = step_seconds(_shape(tp=4), _DEV, 8), step_seconds(_shape(tp=4), shared, 8)
+    collectives = TP_COLLECTIVES_PER_BLOCK * 6
+    latency = collectives * 3 * 1e-4
+    assert two["tp"] - latency == pytest.approx(2 * (one["tp"] - latency))
+    assert two["framework"] == pytest.approx(2 * 1e-3 * 6)
+    # AC full recomputes the forward: half of sequence parallel's collectives run again.
+    full = step_seconds(_shape(tp=4, recompute=4 / 3), _DEV, 8)
+    assert full["tp"] == pytest.approx(1.5 * one["tp"])
+
+
+def test_fsdp_under_pp_holds_each_ranks_gradients_unsharded():
+    """Memory: FSDP under PP accumulates unsharded gradients (reduce dtype) until the step's one reduce-scatter."""
+    cfg = debug_cfg("--training.local_batch_size", "4", "--training.mixed_precision_param", "float32")
+    pp = Planner(cfg, 4, "cpu", 4).estimate(Layout(1, 2, 1, 1, 2, "1F1B", 1, reshard="always", local_batch=4))
+    plain_pp = Planner(cfg, 2, "cpu", 2).estimate(Layout(1, 1, 1, 1, 2, "1F1B", 1, local_batch=4))  # no FSDP
+    # By hand, debug model (fp32): a block holds 4 x 256^2 + 3 x 256 x 768 + 2 x 256 elements; rank 0 the embedding
+    # (2048 x 256) and 3 blocks, rank 1 3 blocks, the final norm and the output.
+    block, table = 4 * 256**2 + 3 * 256 * 768 + 2 * 256, 2048 * 256
+    for r, root in enumerate((table, table + 256)):
+        unsharded = 3 * block + root
+        assert plain_pp.local_elements[r] == unsharded
+        # gradients unsharded + two gathered blocks (current, prefetched) + the root + two reduce-scatter inputs
+        fsdp_buffers = pp.memory_per_rank[r]["comm"] - plain_pp.memory_per_rank[r]["comm"]
+        assert fsdp_buffers == 4 * (unsharded + 2 * block + root + 2 * block)

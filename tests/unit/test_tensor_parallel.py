@@ -14,7 +14,8 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from trainer.build import build_model, plan_run
 from trainer.config import load_config
 from trainer.dry_run import dry_run
-from trainer.models.llama import Transformer, get_model_args, num_params
+from trainer.models.flavors import get_model_args
+from trainer.models.llama import Transformer, num_params
 from trainer.torch_private import init_fake_process_group
 
 # Column-wise layers shard their [out, in] weight on dim 0, row-wise ones on dim 1, norms are replicated.

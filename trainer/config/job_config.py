@@ -185,8 +185,8 @@ class Optimizer:
     weight_decay: float = 0.1
     """Decoupled weight decay."""
     implementation: str = "auto"
-    """Kernel: auto (fused when every parameter is on CUDA, else foreach), for-loop, foreach or fused (fused needs
-    every parameter on one device type that supports it)."""
+    """Kernel: auto (fused when every parameter is on one device type with a fused kernel, CUDA or CPU, else
+    foreach), for-loop, foreach or fused (fused needs every parameter on one device type that supports it)."""
     early_step_in_backward: bool = False
     """Update each parameter as soon as its gradient is complete in backward and free that gradient, so the whole
     model's gradients never exist at once (saves memory; rules out gradient clipping)."""

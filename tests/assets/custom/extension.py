@@ -4,7 +4,8 @@ llama3 flavor registered on import."""
 from dataclasses import dataclass, field
 
 from trainer.config.job_config import JobConfig as BaseJobConfig
-from trainer.models.llama import ModelArgs, register_flavor
+from trainer.models.flavors import register_flavor
+from trainer.models.llama import ModelArgs
 
 register_flavor("llama3", "tiny_test", ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=2048,
                                                    ffn_hidden=128))
