@@ -36,7 +36,7 @@ def test_gpu_rows_are_valid_configs_for_cuda():
         assert "dry run OK" in dry_run(cfg, 1, target="cuda"), row.name
 
 
-@pytest.mark.slow  # about 50 s on 2 cores
+@pytest.mark.slow  # about 25 s on 2 cores
 def test_cpu_smoke_run_writes_every_row_and_check(tmp_path):
     # A budget and per-process limits (240 s a row or check; the async checkpoint check's two runs 120 s each) that
     # a loaded 2-core machine stays well within.
