@@ -30,19 +30,19 @@ _LAYOUTS = {"plain": {}, "fsdp": {"data_parallel_shard_degree": 2}, "tp": {"tens
             "cp": {"context_parallel_degree": 2}}
 
 
-def _gloo(rank: int) -> tuple[float, float]:
+def _gloo(rank: int, quick: bool = False) -> tuple[float, float]:
     import torch.distributed as dist
 
-    x = torch.ones(4 * 2**20)  # 16 MiB
+    x = torch.ones(2**18 if quick else 4 * 2**20)  # 1 MiB quick, else 16 MiB
     dist.all_reduce(x)
     best = float("inf")
-    for _ in range(5):
+    for _ in range(2 if quick else 5):
         dist.barrier()
         start = time.perf_counter()
         dist.all_reduce(x)
         best = min(best, time.perf_counter() - start)
     tiny, latency = torch.ones(1), float("inf")
-    for _ in range(20):
+    for _ in range(5 if quick else 20):
         dist.barrier()
         start = time.perf_counter()
         dist.all_reduce(tiny)
@@ -110,21 +110,21 @@ def _sync_seconds(rounds: int = 30) -> float:
     return max(0.0, seconds.item() / rounds)
 
 
-def _probe(rank: int, port: str, world: int) -> None:
+def _probe(rank: int, port: str, world: int, quick: bool = False) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     if world > 2:  # the oversubscribed probe: only the cost of a collective's synchronization
-        sync = _sync_seconds()
+        sync = _sync_seconds(5 if quick else 30)
         if rank == 0:
             print(json.dumps({"oversubscribed_ranks": world, "oversubscribed_sync": sync}))
         dist.destroy_process_group()
         return
-    bandwidth, latency = _gloo(rank)
+    bandwidth, latency = _gloo(rank, quick)
     seconds = {}
     for name in _LAYOUTS:
-        seconds[name], layers, block_bytes = _step_seconds(name)
+        seconds[name], layers, block_bytes = _step_seconds(name, 1 if quick else 8)
         if name == "plain":
             probe_block_bytes = block_bytes
     if rank == 0:
@@ -137,25 +137,27 @@ def _probe(rank: int, port: str, world: int) -> None:
     dist.destroy_process_group()
 
 
-def measure() -> dict[str, float]:
+def measure(quick: bool = False) -> dict[str, float]:
     """The figures, from two processes of one thread each on this machine (best of several repeats): gloo_bandwidth
     (bytes/s one rank moves in an all-reduce), gloo_latency (seconds), block_overhead (seconds of one block's
     forward and backward that are not compute, plain tensors) and fsdp_/tp_/cp_block_overhead (what a degree of 2
     adds to it, its collectives included: trainer.device_profiles takes those out, priced as the cost model prices
     them, with probe_block_bytes, the fp32 bytes of one block's parameters); then from twice as many processes as cores, oversubscribed_sync: the seconds a collective costs
-    busy ranks that time-share the cores (oversubscribed_ranks of them)."""
+    busy ranks that time-share the cores (oversubscribed_ranks of them). `quick`: every measurement with smaller
+    buffers and fewer repeats (tests/unit/test_planner.py; the figures are then only sane, not calibrated)."""
     from trainer.device_profiles import cpu_cores
 
-    return {**_run(2), **_run(max(4, 2 * cpu_cores()))}
+    return {**_run(2, quick), **_run(max(4, 2 * cpu_cores()), quick)}
 
 
-def _run(world: int) -> dict[str, float]:
+def _run(world: int, quick: bool = False) -> dict[str, float]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
         [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    procs = [subprocess.Popen([sys.executable, "-m", "trainer.cpu_calibration", str(r), port, str(world)],
+    procs = [subprocess.Popen([sys.executable, "-m", "trainer.cpu_calibration", str(r), port, str(world),
+                               *(["quick"] if quick else [])],
                               stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT) for r in range(world)]
     out = [p.communicate(timeout=600)[0] for p in procs]
     if any(p.returncode for p in procs):
@@ -164,4 +166,4 @@ def _run(world: int) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    _probe(int(sys.argv[1]), sys.argv[2], int(sys.argv[3]))
+    _probe(int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), quick=sys.argv[4:] == ["quick"])

@@ -246,13 +246,15 @@ def test_cpu_peak_cache_keeps_the_highest_measurement(monkeypatch, tmp_path):
 
 @pytest.mark.slow
 def test_cpu_calibration_probe():
-    """The real probe: two gloo processes running the debug model at 8 tokens in each layout."""
+    """The real probe, quick (smaller buffers, fewer repeats): two gloo processes running the debug model at 8 tokens
+    in each layout, then the oversubscribed processes. Every figure is there and sane, even on a loaded machine."""
     from trainer.cpu_calibration import measure
 
-    figures = measure()
-    assert figures["gloo_bandwidth"] > 0 and 0 < figures["gloo_latency"] < 1 and figures["block_overhead"] > 0
-    assert all(figures[f"{n}_block_overhead"] >= 0 for n in ("fsdp", "tp", "cp"))
-    assert figures["oversubscribed_ranks"] >= 4 and figures["oversubscribed_sync"] >= 0
+    figures = measure(quick=True)
+    assert 1e6 < figures["gloo_bandwidth"] < 1e12 and 0 < figures["gloo_latency"] < 1, figures
+    assert 0 < figures["block_overhead"] < 1 and figures["probe_block_bytes"] > 0, figures
+    assert all(0 <= figures[f"{n}_block_overhead"] < 1 for n in ("fsdp", "tp", "cp")), figures
+    assert figures["oversubscribed_ranks"] >= 4 and 0 <= figures["oversubscribed_sync"] < 1, figures
 
 
 def _shape(**kw) -> StepShape:
