@@ -29,6 +29,7 @@ MATRIX = {  # name -> (layout, extra settings, slow)
 pytestmark = pytest.mark.distributed
 
 
+@pytest.mark.slow  # the fast subset keeps the mask's layout parity; this runs in CI's full suite
 def test_reference_moves_and_differs_from_causal(runs):
     ref = runs.steps("1 process", **BLOCK_CAUSAL)
     assert_reference_moves(ref)

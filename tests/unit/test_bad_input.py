@@ -251,7 +251,8 @@ def test_launcher_reports_other_failures_as_torchrun_does():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
-@pytest.mark.parametrize("entry", ["run_train.sh", "trainer.train"])
+# run_train.sh is slow-marked: the fast subset has the launcher's one-line error in test_launcher_config_error_is_one_line
+@pytest.mark.parametrize("entry", [pytest.param("run_train.sh", marks=pytest.mark.slow), "trainer.train"])
 def test_async_tensor_parallel_refused_on_cpu(entry, tmp_path):
     # A device check: run_train.sh makes it before torchrun, the Trainer itself when started another way.
     args = ["--parallelism.tensor_parallel_degree", "2", "--parallelism.enable_async_tensor_parallel"]

@@ -93,6 +93,7 @@ def test_float8_loss_follows_the_run_without_it(dtype):
     assert deltas[0] > 0  # the conversion changed the numbers
 
 
+@pytest.mark.slow  # the fast subset keeps float8's parity and loss tests; this runs in CI's full suite
 def test_resume_with_float8_is_bit_exact(tmp_path):
     # Stopped after step 3 and resumed, the run continues bit for bit like the straight one (one LR schedule of 6
     # steps for all three runs).

@@ -61,6 +61,7 @@ def test_saved_config_is_the_resolved_config(name, tmp_path):
     assert dataclasses.asdict(again) == dataclasses.asdict(expected)
 
 
+@pytest.mark.slow  # the fast subset's time (5 min); runs in CI's full suite
 def test_total_steps_lays_the_schedule_over_more_steps(tmp_path):
     trainer, _ = train(*args(tmp_path, "--training.steps", "3", "--lr_scheduler.total_steps", "10",
                              "--lr_scheduler.warmup_steps", "2"))
@@ -107,6 +108,7 @@ def test_deterministic_warn_only(tmp_path):
         torch.use_deterministic_algorithms(False)
 
 
+@pytest.mark.slow  # the fast subset's time (5 min); runs in CI's full suite
 def test_gc_debug_collects_every_step(tmp_path, monkeypatch):
     calls = []
     collect = gc.collect
