@@ -55,7 +55,7 @@ def activation_bytes(args, tokens: int, bytes_per_el: int, tp: int = 1, loss_par
     Per layer and token a block keeps: norm inputs/outputs and attention in/out (~7 x dim), k/v (2 x kv dim), the
     SwiGLU intermediates (4 x hidden). Tensor parallel splits all of it over tp except the two sequence-gathered
     norm outputs the column-wise layers keep. A checkpointed block keeps only its input, and in backward one block
-    at a time is recomputed in full; "op" keeps the matmul and attention outputs. Plus the logits in the compute
+    at a time is recomputed in full; "op" keeps attention's and every other matmul's outputs. Plus the logits in the compute
     dtype and their fp32 copy for the loss (split over tp under loss parallel). A pipeline rank passes the layers
     it holds, and logits=False unless it holds the output. memory_budget B keeps B of what the blocks keep
     without checkpointing and 1 - B of what they keep fully checkpointed: torch's definition of the budget.
@@ -69,7 +69,8 @@ def activation_bytes(args, tokens: int, bytes_per_el: int, tp: int = 1, loss_par
     full = gathered + (7 * args.dim - gathered + 2 * kv_dim + 4 * args.ffn_hidden_dim) / tp
     layers = args.n_layers if n_layers is None else n_layers
     if ac_mode == "selective" and selective_ac_option == "op":
-        kept = layers * (gathered + (5 * args.dim - gathered + 2 * kv_dim + 2 * args.ffn_hidden_dim) / tp)
+        # every matmul's and attention's output but those of wk, wo and w3, which the policy recomputes
+        kept = layers * (gathered + (4 * args.dim - gathered + kv_dim + args.ffn_hidden_dim) / tp)
     else:
         every = {"none": 0, "full": 1}.get(ac_mode)
         every = int(selective_ac_option) if every is None else every

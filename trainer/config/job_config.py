@@ -309,7 +309,8 @@ class ActivationCheckpoint:
     fastest setting, and the loss is the same either way."""
     selective_ac_option: str = "2"
     """With mode = selective: an integer N checkpoints every N-th block (blocks N-1, 2N-1, ... counted by layer id);
-    "op" keeps the outputs of every matmul and attention and recomputes the rest (norms, RoPE, SwiGLU gating)."""
+    "op" is torchtitan's per-op policy: keep attention's outputs, sequence parallel's reduce-scatters, max and every
+    other matmul of a block, recompute the rest (the other matmuls: wk, wo, w3; norms, RoPE, SwiGLU gating)."""
     per_op_sac_force_recompute_mm_shapes_by_fqns: list[str] = field(default_factory=lambda: ["moe.router.gate"])
     """With selective "op": nn.Linear modules by name whose weight shape marks matmuls to recompute anyway; every
     matmul of such a shape is recomputed, whichever module it belongs to. The default names an MoE router, which
