@@ -142,8 +142,9 @@ def measure(quick: bool = False) -> dict[str, float]:
     (bytes/s one rank moves in an all-reduce), gloo_latency (seconds), block_overhead (seconds of one block's
     forward and backward that are not compute, plain tensors) and fsdp_/tp_/cp_block_overhead (what a degree of 2
     adds to it, its collectives included: trainer.device_profiles takes those out, priced as the cost model prices
-    them, with probe_block_bytes, the fp32 bytes of one block's parameters); then from twice as many processes as cores, oversubscribed_sync: the seconds a collective costs
-    busy ranks that time-share the cores (oversubscribed_ranks of them). `quick`: every measurement with smaller
+    them, with probe_block_bytes, the fp32 bytes of one block's parameters); then from twice as many processes as
+    cores, oversubscribed_sync: the seconds a collective costs busy ranks that time-share the cores
+    (oversubscribed_ranks of them). `quick`: every measurement with smaller
     buffers and fewer repeats (tests/unit/test_planner.py; the figures are then only sane, not calibrated)."""
     from trainer.device_profiles import cpu_cores
 

@@ -283,7 +283,7 @@ class Planner:
         shape = StepShape(layout.dp_replicate, layout.dp_shard, layout.cp, layout.tp, layout.pp,
                           pp_plan.schedule if pp_plan else None, len(pp_plan.stage_ids(0)) if pp_plan else 1,
                           n_mb, plan.accum_steps, tokens // layout.cp, flops,
-                          recompute_factor(layout.ac_mode, ac.selective_ac_option), worst_unsharded * pbytes,
+                          recompute_factor(layout.ac_mode, ac.selective_ac_option, args), worst_unsharded * pbytes,
                           worst_unsharded * rbytes, worst_local,
                           {"always": True, "never": False, "default": layout.pp == 1}[layout.reshard],
                           worst_layers, args.dim, kv_dim, pbytes, plan.dims.ddp_enabled)

@@ -11,9 +11,10 @@ import torch.distributed as dist
 
 from trainer.build import build_model, local_param_elements, plan_run
 from trainer.config import ConfigError, load_config
-from trainer.cost_model import TP_COLLECTIVES_PER_BLOCK, StepShape, step_seconds
+from trainer.cost_model import TP_COLLECTIVES_PER_BLOCK, StepShape, recompute_factor, step_seconds
 from trainer.device_profiles import GiB, DeviceProfile
 from trainer.dry_run import main as dry_run_main
+from trainer.models.flavors import get_model_args
 from trainer.models.llama import num_params
 from trainer.parallel.ddp import BUCKET_CAP_MB
 from trainer.planner import Layout, Planner, enumerate_layouts, no_fit_error, plan, with_overrides
@@ -330,3 +331,12 @@ def test_fsdp_under_pp_holds_each_ranks_gradients_unsharded():
         # gradients unsharded + two gathered blocks (current, prefetched) + the root + two reduce-scatter inputs
         fsdp_buffers = pp.memory_per_rank[r]["comm"] - plain_pp.memory_per_rank[r]["comm"]
         assert fsdp_buffers == 4 * (unsharded + 2 * block + root + 2 * block)
+
+
+def test_selective_op_reruns_wk_wo_w3():
+    # Llama 3 8B: dim 4096, kv dim 1024, FFN 14336. "op" reruns wk (4096 x 1024), wo (4096^2) and w3 (4096 x 14336)
+    # of the block's matmuls q, k, v, o, w1, w2, w3, in the forward third of the training FLOPs.
+    args = get_model_args("llama3", "8B")
+    share = (1024 + 4096 + 14336) / (2 * 4096 + 2 * 1024 + 3 * 14336)
+    assert recompute_factor("selective", "op", args) == pytest.approx(1 + share / 3)
+    assert recompute_factor("full", "op", args) == 4 / 3 and recompute_factor("selective", "2", args) == 1 + 1 / 6
