@@ -215,7 +215,7 @@ LAUNCHER_CASES = [  # (NGPU, run_train.sh arguments, substring of the one line):
     (1, ["--training.stepz", "3"], "did you mean 'steps'"),  # a wrong key
     (2, ["--parallelism.data_parallel_shard_degree", "3"], "dp_shard 3"),  # an impossible layout
     pytest.param(2, ["--lr_scheduler.decay_type", "exp"], "decay_type = 'exp'", marks=pytest.mark.slow),  # a bad value
-    pytest.param(8, ["--model.hf_assets_path", "/nope"], "model.hf_assets_path = '/nope'",  # a missing file
+    pytest.param(4, ["--model.hf_assets_path", "/nope"], "model.hf_assets_path = '/nope'",  # a missing file
                  marks=pytest.mark.slow),
 ]
 
