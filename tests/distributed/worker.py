@@ -74,13 +74,15 @@ def _next_job(folder: Path, index: int) -> dict:
 def _reuse_mesh_groups() -> dict:
     """Make every DeviceMesh of this process reuse the process group of a rank set it already has.
 
-    A job builds its meshes anew, and each gloo group costs its members CPU in every later collective: the TCP
-    loop threads of 8 ranks' groups took 2.1 CPU-seconds in the first job of an 8-rank layout and 5.6 in the
-    eighth, which ran 30% slower. The groups cannot be destroyed after a job: DTensor's sharding cache hands
-    later jobs specs that hold the earlier job's meshes (DeviceMesh compares equal by layout, not by group). So
-    DeviceMesh's `new_group` (torch.distributed.device_mesh imports it by name) returns the group made for the
-    same ranks and backend: a layout's second job makes none. Sharing one group between two mesh dims over the
-    same ranks is sound here, where every collective runs in order on one thread. Returns the groups it made."""
+    A job builds its meshes anew, with new gloo groups, and jobs ran slower the more the pool had run: an 8-rank
+    layout took 7.7 s in its second job and 14.2 s in its fourteenth, its ranks' gloo TCP loop threads 2.1 and 5.6
+    CPU-seconds a job. (Idle groups alone do not do that: 60 extra groups on 8 ranks left an all_reduce on another
+    group as fast. The cause is not pinned down; reusing the groups removes it: 7.5 s flat.) The groups cannot be
+    destroyed after a job either: DTensor's sharding cache hands later jobs specs that hold the earlier job's
+    meshes (DeviceMesh compares equal by layout, not by group). So DeviceMesh's `new_group` (device_mesh imports
+    it by name) returns the group made for the same ranks and backend: a layout's second job makes none. Sharing
+    one group between two mesh dims over the same ranks is sound here, where every collective runs in order on one
+    thread. Returns the groups it made."""
     from torch.distributed import device_mesh
 
     made, create = {}, device_mesh.new_group
