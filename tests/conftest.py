@@ -1,5 +1,5 @@
-"""Fixtures of the multi-process tests (tests/distributed, tests/faults): the worker pool, and every training run
-cached by what it ran."""
+"""Fixtures of the multi-process tests (tests/distributed, tests/faults): the worker pool, the launcher of runs that
+lose ranks, and every training run cached by what it ran."""
 
 from pathlib import Path
 
@@ -8,6 +8,7 @@ import torch
 
 from tests.distributed.layouts import LAYOUTS, TEXT, layout_overrides
 from tests.distributed.pool import WorkerPool
+from tests.faults.launcher import Launcher
 
 
 def pytest_addoption(parser):
@@ -23,6 +24,14 @@ def pool(tmp_path_factory):
     workers = WorkerPool(tmp_path_factory.mktemp("pool"))
     yield workers
     workers.close()
+
+
+@pytest.fixture(scope="session")
+def launcher(tmp_path_factory):
+    """One process that forks the ranks of each run that may lose one (a kill -9), tests/faults/launcher.py."""
+    runner = Launcher(tmp_path_factory.mktemp("launcher"))
+    yield runner
+    runner.close()
 
 
 class Runs:

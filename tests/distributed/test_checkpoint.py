@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from tests.distributed.launch import torchrun_job
 from tests.distributed.layouts import layout_overrides
 from trainer.checkpoint_files import MARKER
 
@@ -104,7 +103,7 @@ def train(pool, layout: str, out, settings: dict, switches: list[str] = ()) -> t
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in CASES])
-def test_resume_continues_like_a_straight_run(name, pool, runs, tmp_path):
+def test_resume_continues_like_a_straight_run(name, pool, runs, launcher, tmp_path):
     case = CASES[name]
     settings = {"checkpoint.enable": True, "job.dump_folder": str(tmp_path), "checkpoint.interval": 100,
                 **case.common, **case.settings}
@@ -113,9 +112,9 @@ def test_resume_continues_like_a_straight_run(name, pool, runs, tmp_path):
     def straight(layout: str) -> dict:  # the same layout without checkpointing, run once per session
         return runs.run("train", layout, **RUN, **case.common)[0]
 
-    if case.stop[0] == "--kill-at-step":  # a rank killed with -9 takes its launch down: a launch of its own
+    if case.stop[0] == "--kill-at-step":  # ranks killed with -9 take their launch down: not the pool, the launcher
         ranks, overrides = layout_overrides(case.first, **{**RUN, **settings})
-        torchrun_job(ranks, "train", tmp_path / "first.pt", [*case.stop, *overrides])
+        assert -9 in launcher.launch(ranks, "train", tmp_path / "first.pt", [*case.stop, *overrides]).codes
         # while step 4 was being written: that folder exists but was never marked complete
         assert (folder / "step-4").is_dir() and not (folder / "step-4" / MARKER).exists()
         assert (folder / f"step-{case.resumed_from}" / MARKER).is_file()

@@ -1,19 +1,8 @@
-"""The fault suite's launcher (tests/faults/launcher.py) and its one-line summary at the end of the session."""
+"""The fault suite's one-line summary at the end of the session (its launcher fixture is in tests/conftest.py)."""
 
 from collections import Counter
 
-import pytest
-
-from tests.faults.launcher import Launcher
-
 SUMMARY = {"trials": 0, "faults": Counter(), "resumes verified bit-exact": 0, "complete checkpoints lost": 0}
-
-
-@pytest.fixture(scope="session")
-def launcher(tmp_path_factory):
-    runner = Launcher(tmp_path_factory.mktemp("launcher"))
-    yield runner
-    runner.close()
 
 
 def pytest_terminal_summary(terminalreporter):
