@@ -64,7 +64,7 @@ def recompute_factor(ac_mode: str, selective_ac_option: str, args) -> float:
     if ac_mode == "full":
         return 4 / 3
     if ac_mode == "selective" and selective_ac_option == "op":
-        d, kv, f = args.dim, (args.n_kv_heads or args.n_heads) * args.head_dim, args.ffn_hidden_dim
+        d, kv, f = args.dim, args.kv_dim, args.ffn_hidden_dim
         return 1 + (d * kv + d * d + d * f) / (2 * d * d + 2 * d * kv + 3 * d * f) / 3
     if ac_mode == "selective":
         return 1 + 1 / (3 * int(selective_ac_option))

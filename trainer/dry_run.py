@@ -55,16 +55,16 @@ def activation_bytes(args, tokens: int, bytes_per_el: int, tp: int = 1, loss_par
     Per layer and token a block keeps: norm inputs/outputs and attention in/out (~7 x dim), k/v (2 x kv dim), the
     SwiGLU intermediates (4 x hidden). Tensor parallel splits all of it over tp except the two sequence-gathered
     norm outputs the column-wise layers keep. A checkpointed block keeps only its input, and in backward one block
-    at a time is recomputed in full; "op" keeps attention's and every other matmul's outputs. Plus the logits in the compute
-    dtype and their fp32 copy for the loss (split over tp under loss parallel). A pipeline rank passes the layers
-    it holds, and logits=False unless it holds the output. memory_budget B keeps B of what the blocks keep
+    at a time is recomputed in full; "op" keeps attention's and every other matmul's outputs. Plus the logits in
+    the compute dtype and their fp32 copy for the loss (split over tp under loss parallel). A pipeline rank passes
+    the layers it holds, and logits=False unless it holds the output. memory_budget B keeps B of what the blocks keep
     without checkpointing and 1 - B of what they keep fully checkpointed: torch's definition of the budget.
     """
     if ac_mode == "memory_budget":
         common = (args, tokens, bytes_per_el, tp, loss_parallel, n_layers, logits)
         return int(memory_budget * activation_bytes(*common, ac_mode="none")
                    + (1 - memory_budget) * activation_bytes(*common, ac_mode="full"))
-    kv_dim = (args.n_kv_heads or args.n_heads) * args.head_dim
+    kv_dim = args.kv_dim
     gathered = 2 * args.dim if tp > 1 else 0
     full = gathered + (7 * args.dim - gathered + 2 * kv_dim + 4 * args.ffn_hidden_dim) / tp
     layers = args.n_layers if n_layers is None else n_layers

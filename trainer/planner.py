@@ -226,7 +226,7 @@ class Planner:
         mb = layout.microbatch_size if pp_plan else layout.local_batch
         n_mb = layout.local_batch // mb
         mb_tokens = mb * seq // layout.cp
-        kv_dim = (args.n_kv_heads or args.n_heads) * args.head_dim
+        kv_dim = args.kv_dim
         ac = cfg.activation_checkpoint
         total_weight = sum(math.prod(s) for n, s in shapes.items() if not n.startswith("tok_embeddings"))
         worst, worst_weight, worst_layers, worst_local, worst_unsharded = None, 0, 1, 0, 0

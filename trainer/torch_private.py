@@ -196,6 +196,28 @@ def process_groups() -> list:
     return list(c10d._world.pg_map)
 
 
+def reuse_device_mesh_groups() -> dict:
+    """Make every DeviceMesh built afterwards in this process reuse the process group it made before for the same
+    ranks and backend, instead of a new one per mesh (for a process that runs job after job: the test pool,
+    tests/distributed/worker.py). DeviceMesh calls `new_group`, which torch.distributed.device_mesh imports into its
+    own namespace in torch 2.13; that name is replaced. Groups made with pg_options are left alone. Returns the
+    groups made so far, by (ranks, backend)."""
+    from torch.distributed import device_mesh
+
+    made, create = {}, device_mesh.new_group
+
+    def new_group(ranks=None, timeout=None, backend=None, pg_options=None, **kwargs):
+        if pg_options is not None:
+            return create(ranks=ranks, timeout=timeout, backend=backend, pg_options=pg_options, **kwargs)
+        key = (tuple(ranks) if ranks is not None else None, backend)
+        if key not in made:
+            made[key] = create(ranks=ranks, timeout=timeout, backend=backend, **kwargs)
+        return made[key]
+
+    device_mesh.new_group = new_group
+    return made
+
+
 def set_process_group_timeouts(timeout) -> None:
     """Set the collective timeout of every process group this process belongs to (the default one, the mesh's, the
     checkpointer's and pipeline's), as torchtitan does after its first step. c10d keeps the groups in

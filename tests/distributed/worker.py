@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from tests.distributed.jobs import JOBS  # noqa: E402
 from trainer.distributed import shutdown  # noqa: E402
-from trainer.torch_private import process_groups  # noqa: E402
+from trainer.torch_private import process_groups, reuse_device_mesh_groups  # noqa: E402
 
 # A collective may wait this long: a job that hangs is killed by the client first (pool.py).
 IDLE_LIMIT = timedelta(hours=2)
@@ -71,38 +71,17 @@ def _next_job(folder: Path, index: int) -> dict:
     return json.loads(path.read_text())
 
 
-def _reuse_mesh_groups() -> dict:
-    """Make every DeviceMesh of this process reuse the process group of a rank set it already has.
-
-    A job builds its meshes anew, with new gloo groups, and jobs ran slower the more the pool had run: an 8-rank
-    layout took 7.7 s in its second job and 14.2 s in its fourteenth, its ranks' gloo TCP loop threads 2.1 and 5.6
-    CPU-seconds a job. (Idle groups alone do not do that: 60 extra groups on 8 ranks left an all_reduce on another
-    group as fast. The cause is not pinned down; reusing the groups removes it: 7.5 s flat.) The groups cannot be
-    destroyed after a job either: DTensor's sharding cache hands later jobs specs that hold the earlier job's
-    meshes (DeviceMesh compares equal by layout, not by group). So DeviceMesh's `new_group` (device_mesh imports
-    it by name) returns the group made for the same ranks and backend: a layout's second job makes none. Sharing
-    one group between two mesh dims over the same ranks is sound here, where every collective runs in order on one
-    thread. Returns the groups it made."""
-    from torch.distributed import device_mesh
-
-    made, create = {}, device_mesh.new_group
-
-    def new_group(ranks=None, timeout=None, backend=None, pg_options=None, **kwargs):
-        if pg_options is not None:
-            return create(ranks=ranks, timeout=timeout, backend=backend, pg_options=pg_options, **kwargs)
-        key = (tuple(ranks) if ranks is not None else None, backend)
-        if key not in made:
-            made[key] = create(ranks=ranks, timeout=timeout, backend=backend, **kwargs)
-        return made[key]
-
-    device_mesh.new_group = new_group
-    return made
-
-
 def serve(folder: Path) -> None:
     """Pool mode: run jobs until a stop job arrives."""
     rank = dist.get_rank()
-    mesh_groups = _reuse_mesh_groups()
+    # A job builds its meshes anew, with new gloo groups, and jobs ran slower the more the pool had run: an 8-rank
+    # layout took 7.7 s in its second job and 14.2 s in its fourteenth, its ranks' gloo TCP loop threads 2.1 and
+    # 5.6 CPU-seconds a job (idle groups alone do not do that: 60 extra groups on 8 ranks left an all_reduce on
+    # another group as fast; the cause is not pinned down). Reusing the groups removes it: 7.5 s flat. They cannot
+    # be destroyed after a job instead: DTensor's sharding cache hands later jobs specs holding the earlier job's
+    # meshes (DeviceMesh compares equal by layout, not by group). One group shared by two mesh dims over the same
+    # ranks is sound here, where every collective runs in order on one thread.
+    mesh_groups = reuse_device_mesh_groups()
     index = 0
     while not (job := _next_job(folder, index)).get("stop"):
         groups_before = set(process_groups())

@@ -88,8 +88,7 @@ def test_recomputation_per_mode():
     assert _backward_flops(_model("selective", "2", early_stop=True), tokens) - plain == TINY.n_layers // 2 * early
     # "op" (torchtitan's policy) keeps attention and every other matmul of a block's forward (wq, wv, w1, w2) and
     # reruns the other three (wk, wo, w3) with the cheap ops: exactly their forward FLOPs again per block.
-    kv_dim = TINY.n_kv_heads * TINY.head_dim if TINY.n_kv_heads else TINY.dim
-    rerun = 2 * tokens.numel() * TINY.dim * (kv_dim + TINY.dim + TINY.ffn_hidden_dim)
+    rerun = 2 * tokens.numel() * TINY.dim * (TINY.kv_dim + TINY.dim + TINY.ffn_hidden_dim)
     assert _backward_flops(_model("selective", "op"), tokens) - plain == TINY.n_layers * rerun
 
 

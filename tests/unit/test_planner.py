@@ -103,8 +103,7 @@ def test_llama3_8b_fsdp_selective_memory_against_torchtitans_published_figure():
     assert est.local_elements == [num_params(args) // 8]  # every dim 0 of the 8B splits by 8
     ours = est.memory["total"] / GiB
     # "op" is torchtitan's per-op policy (every second matmul of a block recomputed: wk, wo, w3)
-    assert abs(ours - 82.4) / 82.4 < 0.15, ours
-    assert 82 < ours < 84, ours  # 82.7 GiB: +0.3%
+    assert 82 < ours < 84, ours  # 82.7 GiB: +0.3% over torchtitan's 82.4
 
 
 @pytest.mark.parametrize("flavor,world", [("70B", 64), ("405B", 128)])

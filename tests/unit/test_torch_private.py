@@ -231,3 +231,14 @@ def test_composable_replicate():
     params = inspect.signature(replicate).parameters
     assert "module" in params and "ignored_modules" in params, f"replicate changed: update replicate_module {params}"
     assert callable(getattr(DDP, "set_requires_gradient_sync", None)), "replicate lost set_requires_gradient_sync"
+
+
+def test_device_mesh_creates_groups_through_its_own_new_group_name():
+    # reuse_device_mesh_groups replaces that name; if DeviceMesh stopped calling it, the test pool's jobs would
+    # silently make new groups again (and slow down as they pile up, tests/distributed/worker.py)
+    import inspect
+
+    from torch.distributed import device_mesh, distributed_c10d
+
+    assert device_mesh.new_group is distributed_c10d.new_group
+    assert "new_group(" in inspect.getsource(device_mesh.DeviceMesh._init_one_process_group)

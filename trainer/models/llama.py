@@ -94,6 +94,11 @@ class ModelArgs:
         return self.dim // self.n_heads
 
     @property
+    def kv_dim(self) -> int:
+        """Width of one token's keys (and of its values): n_kv_heads heads."""
+        return self.n_kv_heads * self.head_dim
+
+    @property
     def n_rep(self) -> int:
         """How many query heads share one key/value head."""
         return self.n_heads // self.n_kv_heads

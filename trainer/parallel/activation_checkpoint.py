@@ -55,7 +55,7 @@ except (ImportError, AttributeError):  # a torch without varlen attention
     pass
 
 
-def save_matmuls_and_attention():
+def per_op_policy():
     """Context functions for one checkpointed block's forward and its recompute: keep _SAVE_OPS outputs except
     every second matmul, recompute everything else. The matmuls are counted per pass (the forward, then the
     recompute in backward) so that both passes decide alike."""
@@ -123,7 +123,7 @@ def apply_activation_checkpointing(model: nn.Module, ac: ActivationCheckpoint, p
         if ac.mode == "full":
             checkpoint_module(block, **options)
         elif ac.selective_ac_option == "op":
-            checkpoint_module(block, save_matmuls_and_attention, **options)
+            checkpoint_module(block, per_op_policy, **options)
         elif (int(layer_id) + 1) % int(ac.selective_ac_option) == 0:
             checkpoint_module(block, **options)
 
