@@ -1,6 +1,7 @@
 """The layout planner (trainer/planner.py): what it enumerates, that plan_run agrees with every layout it keeps,
 that its parameter memory is the real sharded model's, the no-fit line, and a stable ranking."""
 
+import copy
 import dataclasses
 import json
 from pathlib import Path
@@ -54,7 +55,10 @@ def test_global_batch_sets_the_local_batches():
 
 def test_every_kept_layout_is_accepted_by_plan_run_and_every_dropped_one_refused():
     cfg = debug_cfg()
+    before = copy.deepcopy(cfg)
     result = plan(cfg, 4, "h100", 8)
+    # each layout's config shares the sections it does not override with `cfg` (with_overrides): none was written
+    assert cfg == before
     kept = {e.layout for e in result.fits + result.oom}
     for layout in enumerate_layouts(cfg, 4):
         c = with_overrides(cfg, layout.overrides())
