@@ -186,10 +186,10 @@ def _stage(shapes: dict[str, tuple[int, ...]], fsdp_n: int) -> _Stage:
     for n, s in shapes.items():
         if n.startswith("layers."):
             blocks[_module_of(n)] += math.prod(s)
+    unsharded = sum(math.prod(s) for s in shapes.values())
     return _Stage(local=sum(-(-s[0] // fsdp_n) * math.prod(s[1:]) for s in shapes.values()),
-                  unsharded=sum(math.prod(s) for s in shapes.values()), blocks=len(blocks),
-                  block=max(blocks.values(), default=0),
-                  root=sum(math.prod(s) for s in shapes.values()) - sum(blocks.values()), output=any(n.startswith("output") for n in shapes),
+                  unsharded=unsharded, blocks=len(blocks), block=max(blocks.values(), default=0),
+                  root=unsharded - sum(blocks.values()), output=any(n.startswith("output") for n in shapes),
                   weight=sum(math.prod(s) for n, s in shapes.items() if not n.startswith("tok_embeddings")))
 
 
