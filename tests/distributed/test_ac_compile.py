@@ -37,7 +37,7 @@ COMPILE = {"compile.enable": True}
 MEMORY_BUDGET = {"activation_checkpoint.mode": "memory_budget", "activation_checkpoint.memory_budget": 0.5, **COMPILE}
 MATRIX |= {  # name -> (layout, overrides, tolerance against eager, slow)
     "compile, tp=2": ("tp=2", COMPILE, COMPILED, True),  # slow: inductor per rank; memory_budget below is fast
-    "compile, pp=2 x dp_shard=2 x tp=2": ("pp=2 x dp_shard=2 x tp=2 1F1B", COMPILE, COMPILED, True),
+    "compile, pp=2 x tp=2": ("pp=2 x tp=2 1F1B", COMPILE, COMPILED, True),
     "compile + full AC, dp_shard=2 x tp=2": ("dp_shard=2 x tp=2", {**FEATURES["full AC"][0], **COMPILE},
                                              COMPILED, True),
     "compile + selective AC op, tp=2": ("tp=2", {**SELECTIVE_OP, **COMPILE}, COMPILED, True),
