@@ -55,6 +55,8 @@ LAYOUTS = {
     "CP cp=2": (2, {P + "context_parallel_degree": 2, P + "data_parallel_shard_degree": 1}),
     "CP cp=2 reshard never": (2, {P + "context_parallel_degree": 2, P + "data_parallel_shard_degree": 1,
                                   P + "fsdp_reshard_after_forward": "never"}),
+    "CP cp=2 replicated (DDP)": (2, {P + "context_parallel_degree": 2, P + "data_parallel_shard_degree": 1,
+                                     P + "context_parallel_replicate_parameters": "true"}),
     "DDP+TP 2x2": (4, {P + "data_parallel_replicate_degree": 2, P + "data_parallel_shard_degree": 1,
                        P + "tensor_parallel_degree": 2}),
     "TP+PP 2x2 1F1B": (4, {P + "tensor_parallel_degree": 2, P + "pipeline_parallel_degree": 2,

@@ -12,8 +12,9 @@ Per optimizer step on the slowest rank:
   the next block's all-gather during this block's compute, so only what exceeds the compute shows, plus the first
   block's gather.
 - HSDP: one all-reduce of the sharded gradients over dp_replicate per block wherever FSDP reduce-scatters, half of
-  it hidden under backward. DDP (dp_replicate alone): one all-reduce of the whole gradients per step (its C++
-  reducer skips the sync on all but the last microbatch), in buckets of trainer.parallel.ddp.BUCKET_CAP_MB.
+  it hidden under backward. DDP (dp_replicate alone, or x cp when cp replicates parameters): one all-reduce of the
+  whole gradients per step (its C++ reducer skips the sync on all but the last microbatch), in buckets of
+  trainer.parallel.ddp.BUCKET_CAP_MB.
 - TP with sequence parallel: per block two all-gathers and two reduce-scatters of the activations in forward and as
   many in backward (and again in a recomputed forward), exposed (no async TP). Loss parallel adds nothing that
   matters.
@@ -103,7 +104,7 @@ class StepShape:
     act_bytes: int
     """Bytes of one activation element (the compute dtype)."""
     ddp: bool = False
-    """dp_replicate is torch's DDP (no other parallelism), not FSDP2's replicate."""
+    """dp_replicate (and cp, with context_parallel_replicate_parameters) is torch's DDP, not FSDP2."""
 
 
 def step_seconds(s: StepShape, dev: DeviceProfile, gpus_per_node: int) -> dict[str, float]:
@@ -119,7 +120,7 @@ def step_seconds(s: StepShape, dev: DeviceProfile, gpus_per_node: int) -> dict[s
         return o * bytes_ * (n - 1) / n / bandwidth + count * (n - 1) * dev.collective_latency
 
     compute = s.train_flops * s.recompute / (dev.peak_flops * dev.achievable)
-    fsdp_n, blocks = s.dp_shard * s.cp, max(1, s.n_layers_rank)
+    fsdp_n, blocks = 1 if s.ddp else s.dp_shard * s.cp, max(1, s.n_layers_rank)
     if s.pp > 1:  # gradients reduced once a step; blocks gathered once unless resharded after each forward
         gathers, reduces = (2 * s.microbatches if s.reshard else 1), 1
     else:
@@ -132,7 +133,7 @@ def step_seconds(s: StepShape, dev: DeviceProfile, gpus_per_node: int) -> dict[s
     replicate = replicate_step = 0.0
     if s.ddp:
         buckets = math.ceil(s.grad_reduce_bytes / (BUCKET_CAP_MB * 2**20))
-        replicate_step = all_reduce * ring(s.grad_reduce_bytes, s.dp_replicate, s.tp, buckets)
+        replicate_step = all_reduce * ring(s.grad_reduce_bytes, s.dp_replicate * s.cp, s.tp, buckets)
     else:
         replicate = all_reduce * ring(reduces * s.grad_reduce_bytes / fsdp_n, s.dp_replicate, s.tp * fsdp_n,
                                       reduces * blocks)

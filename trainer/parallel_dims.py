@@ -2,7 +2,8 @@
 
 One DeviceMesh with dims (pp, dp_replicate, dp_shard, cp, tp) over every rank, plus the flattened meshes the
 features use: `dp` (dp_replicate x dp_shard) for data loading, `fsdp` for FSDP2 (1-D: dp_shard x cp) or HSDP
-(2-D: dp_replicate, dp_shard x cp), and `dp_cp` (dp_replicate x dp_shard x cp) over which the loss is averaged.
+(2-D: dp_replicate, dp_shard x cp), and `dp_cp` (dp_replicate x dp_shard x cp) over which the loss is averaged
+(and DDP all-reduces).
 Resolution and validation need no process group, so DRY_RUN can use them for any world size.
 """
 
@@ -44,6 +45,8 @@ class ParallelDims:
     pp: int
     world_size: int
     disable_loss_parallel: bool = False
+    cp_replicates_parameters: bool = False
+    """parallelism.context_parallel_replicate_parameters: DDP over dp_replicate x cp instead of FSDP2 over cp."""
     meshes: dict[str, DeviceMesh] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -68,8 +71,16 @@ class ParallelDims:
             raise ConfigError(f"parallelism: {formula} x dp_shard {dp_shard} = {product}, but the world size (NGPU) is "
                               f"{world_size} ({'too many' if product > world_size else 'too few'} by a factor of "
                               f"{max(product, world_size) / min(product, world_size):g}); {hint}")
+        replicate = p.context_parallel_replicate_parameters and p.context_parallel_degree > 1
+        if replicate and dp_shard * p.tensor_parallel_degree * p.pipeline_parallel_degree > 1:
+            raise ConfigError(f"parallelism.context_parallel_replicate_parameters = true replicates the model over cp "
+                              f"with torch's DDP, which takes neither sharded parameters nor pipeline stages, but the "
+                              f"layout has dp_shard {dp_shard} x tp {p.tensor_parallel_degree} x pp "
+                              f"{p.pipeline_parallel_degree}; set it to false (FSDP2 shards over dp_shard x cp) or "
+                              f"those degrees to 1")
         return cls(p.data_parallel_replicate_degree, dp_shard, p.context_parallel_degree,
-                   p.tensor_parallel_degree, p.pipeline_parallel_degree, world_size, p.disable_loss_parallel)
+                   p.tensor_parallel_degree, p.pipeline_parallel_degree, world_size, p.disable_loss_parallel,
+                   replicate)
 
     def validate_model(self, model_args) -> None:
         """Layout checks that depend on the model's shape."""
@@ -107,14 +118,16 @@ class ParallelDims:
 
     @property
     def ddp_enabled(self) -> bool:
-        """Whether parameters are replicated over data-parallel ranks with torch's DDP: pure replication, with no
-        other parallelism (see trainer/parallel/ddp.py)."""
-        return self.dp_replicate > 1 and self.dp_shard * self.cp * self.tp * self.pp == 1
+        """Whether parameters are replicated over the data-parallel (and, with cp_replicates_parameters, the
+        context-parallel) ranks with torch's DDP: replication with no sharding, tensor or pipeline parallel (see
+        trainer/parallel/ddp.py). Its mesh is dp_cp."""
+        replicas = self.dp_replicate * (self.cp if self.cp_replicates_parameters else 1)
+        return replicas > 1 and replicas == self.dp_replicate * self.dp_shard * self.cp and self.tp * self.pp == 1
 
     @property
     def fsdp_enabled(self) -> bool:
         """Whether parameters are sharded or replicated over data-parallel ranks with FSDP2 (every data-parallel or
-        context-parallel layout but pure replication, which DDP runs)."""
+        context-parallel layout but those DDP runs)."""
         return self.dp_replicate * self.dp_shard * self.cp > 1 and not self.ddp_enabled
 
     def build_mesh(self, device_type: str) -> DeviceMesh:

@@ -264,7 +264,7 @@ class Planner:
         validate(cfg)
         plan = plan_run(cfg, self.world_size, self.target)
         args, pp_plan = plan.model_args, plan.pp_plan
-        fsdp_n = layout.dp_shard * layout.cp
+        fsdp_n = layout.dp_shard * layout.cp if plan.dims.fsdp_enabled else 1  # DDP replicates over cp too
         pbytes = plan.param_dtype.itemsize
         rbytes = getattr(torch, cfg.training.mixed_precision_reduce).itemsize if plan.dims.fsdp_enabled else 4
         seq = cfg.training.seq_len

@@ -61,6 +61,10 @@ LAYOUTS: dict[str, tuple[int, dict]] = {
     "cp=2 x tp=2": (4, _cp(2, **{TP: 2})),
     "pp=2 x cp=2": (4, _cp(2, **{PP: 2})),
     "pp=2 x dp_shard=2 x cp=2 x tp=2": (16, {PP: 2, DP_SHARD: 2, CP: 2, TP: 2, LOCAL: 2}),
+    # the parameters replicated over cp and the gradients all-reduced by DDP (picotron's context parallel)
+    "cp=2 replicated": (2, _cp(2, **{"parallelism.context_parallel_replicate_parameters": True})),
+    "dp_replicate=2 x cp=2 replicated": (4, {DP_REP: 2, DP_SHARD: 1, CP: 2, LOCAL: 2,
+                                             "parallelism.context_parallel_replicate_parameters": True}),
     # pipeline parallel
     "pp=2 GPipe": (2, _pp(2, "GPipe")),
     "pp=2 1F1B": (2, _pp(2, "1F1B")),

@@ -55,6 +55,9 @@ CASES = {
                                                       rtol=1e-5),
     "tp=2, SIGTERM after step 3": Case("tp=2", ["--signal-at-step", "3"], "tp=2", 3),
     "cp=2, SIGTERM after step 3": Case("cp=2", ["--signal-at-step", "3"], "cp=2", 3),
+    # parameters and AdamW states replicated over cp by DDP (plain tensors, saved once) -> sharded by FSDP2 over dp
+    "cp=2 replicated -> dp_shard=2 (reshard)": Case("cp=2 replicated", ["--signal-at-step", "3"], "dp_shard=2", 3,
+                                                rtol=1e-5),
     "pp=2, SIGTERM after step 3": Case("pp=2 1F1B", ["--signal-at-step", "3"], "pp=2 1F1B", 3),
     "pp=2 Interleaved1F1B (2 stages per rank) -> dp_shard=2 (reshard)": Case(
         "pp=2 Interleaved1F1B", ["--signal-at-step", "3"], "dp_shard=2", 3, rtol=1e-5),
@@ -87,7 +90,7 @@ SLOW = {"1 process, SIGTERM after step 3", "tp=2, SIGTERM after step 3",
         "dp_shard=2 with 2 loader workers, SIGTERM after step 3",
         "dp_shard=2, from the async save of step 3", "dp_replicate=2 (DDP), SIGTERM after step 3",
         "dp_replicate=2 (DDP) -> dp_shard=4 (reshard)", "dp_shard=4 -> dp_shard=2 (reshard)",
-        "cp=2, SIGTERM after step 3",
+        "cp=2, SIGTERM after step 3", "cp=2 replicated -> dp_shard=2 (reshard)",
         "pp=2 Interleaved1F1B (2 stages per rank) -> dp_shard=2 (reshard)", "dp_shard=4 -> dp_shard=2 x tp=2 (reshard)",
         "kill -9 during the async save of step 4",
         "dp_shard=2 float8 with float8 all-gather + precompute, SIGTERM after step 3",

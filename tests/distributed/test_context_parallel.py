@@ -4,10 +4,10 @@ import pytest
 
 from tests.distributed.parity import assert_matches_reference
 
-MATRIX = [  # (layout, slow): `-m "not slow"` keeps plain cp=2 and CP folded into FSDP; every case runs in CI
+MATRIX = [  # (layout, slow): `-m "not slow"` keeps plain cp=2, CP folded into FSDP and CP over DDP; all run in CI
     ("cp=2", False), ("cp=4", True), ("cp=2 alltoall", True), ("cp=2 no load balance", True),
     ("dp_shard=2 x cp=2", False), ("cp=2 x tp=2", True), ("pp=2 x cp=2", True),
-    ("pp=2 x dp_shard=2 x cp=2 x tp=2", True),
+    ("pp=2 x dp_shard=2 x cp=2 x tp=2", True), ("cp=2 replicated", False), ("dp_replicate=2 x cp=2 replicated", True),
 ]
 
 pytestmark = pytest.mark.distributed

@@ -49,6 +49,27 @@ def test_resolver_rejects_wrong_product():
         ParallelDims.resolve(cfg.parallelism, 8)
 
 
+def test_context_parallel_replicating_parameters_runs_on_ddp():
+    def dims(world, *args):
+        return ParallelDims.resolve(load_config(["--parallelism.context_parallel_replicate_parameters", "true",
+                                                 *args]).parallelism, world)
+
+    cp = ["--parallelism.context_parallel_degree", "2"]
+    d = dims(2, *cp)  # dp_shard -1 resolves to 1: DDP over the cp ranks
+    assert (d.dp_shard, d.ddp_enabled, d.fsdp_enabled) == (1, True, False)
+    d = dims(4, *cp, "--parallelism.data_parallel_replicate_degree", "2", "--parallelism.data_parallel_shard_degree",
+             "1")
+    assert (d.ddp_enabled, d.fsdp_enabled) == (True, False)
+    assert dims(1).ddp_enabled is False  # no cp: nothing to replicate over
+    default = ParallelDims.resolve(load_config(cp).parallelism, 2)
+    assert (default.ddp_enabled, default.fsdp_enabled) == (False, True)  # torchtitan's: FSDP2 over cp
+    for extra in (["--parallelism.data_parallel_shard_degree", "2"], ["--parallelism.tensor_parallel_degree", "2"],
+                  ["--parallelism.pipeline_parallel_degree", "2"]):
+        with pytest.raises(ConfigError, match=r"^parallelism.context_parallel_replicate_parameters = true .* but the "
+                                              r"layout has dp_shard \d x tp \d x pp \d; set it to false"):
+            dims(4, *cp, *extra)
+
+
 def test_lr_schedule_by_hand():
     cfg = LRScheduler(warmup_steps=4, decay_ratio=0.5, decay_type="linear", min_lr_factor=0.1)
     # 20 steps: warmup 0..3, stable 4..11, decay over the last 8 (steps 12..19)

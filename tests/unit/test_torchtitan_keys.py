@@ -22,7 +22,8 @@ else:  # pragma: no cover
 ROOT = Path(__file__).resolve().parents[2]
 ASSETS = ROOT / "tests/assets/torchtitan_style"
 EVERY_KEY = ASSETS / "every_key.toml"
-OURS_ONLY = {"metrics.peak_flops", "parallelism.context_parallel_load_balance", "parallelism.enable_sequence_parallel"}
+OURS_ONLY = {"metrics.peak_flops", "parallelism.context_parallel_load_balance", "parallelism.enable_sequence_parallel",
+             "parallelism.context_parallel_replicate_parameters"}
 
 
 def _flatten(table: dict, prefix: str = "") -> dict:

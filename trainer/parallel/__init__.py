@@ -41,5 +41,5 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: JobConfig, param_dtyp
                    reshard_after_forward=p.fsdp_reshard_after_forward, pp_enabled=dims.pp > 1,
                    cpu_offload=cfg.training.enable_cpu_offload)
     elif dims.ddp_enabled:
-        apply_ddp(model, dims.mesh("dp_replicate"))
+        apply_ddp(model, dims.mesh("dp_cp"))  # dp_replicate, or dp_replicate x cp when cp replicates parameters
     return model

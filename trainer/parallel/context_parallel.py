@@ -5,7 +5,8 @@ and `cp_context` is the context every batch's forward and backward run in (the m
 it torch's `context_parallel` shards the buffers in place (inputs and labels on dim 1, the RoPE table on dim 0)
 and routes SDPA to ring attention. With load balancing, each rank holds chunks i and 2cp-1-i of
 the sequence so causal attention costs every rank the same. The loss on a rank is the mean over its tokens;
-FSDP averages gradients over dp_shard x cp, so the step equals the unsplit one. On CPU the ring needs
+FSDP averages gradients over dp_shard x cp (or, with parallelism.context_parallel_replicate_parameters, DDP over
+dp_replicate x cp), so the step equals the unsplit one. On CPU the ring needs
 `enable_cpu_context_parallel` (a private-API shim, see trainer/torch_private.py).
 """
 

@@ -7,8 +7,11 @@ size 1. The gradients are views into the buckets (gradient_as_bucket_view): no s
 in place through torch's composable `replicate`, so parameter names, state dicts and DCP checkpoints are those of
 the plain model, and any layout can resume them.
 
-Not used with other dims: HSDP (dp_shard > 1) and context parallel shard over FSDP2; tensor parallel and pipeline
-stages replicate over FSDP2 too (ParallelDims.ddp_enabled). Without FSDP there is no MixedPrecisionPolicy: a bf16
+Context parallel replicates over DDP too when parallelism.context_parallel_replicate_parameters is set: the mesh is
+then dp_replicate x cp (each cp rank's gradients are those of its part of the sequences, and their mean over the mesh
+is the step's gradient, as FSDP2's over dp_shard x cp). Not used with other dims: HSDP (dp_shard > 1) and context
+parallel by default shard over FSDP2; tensor parallel and pipeline stages replicate over FSDP2 too
+(ParallelDims.ddp_enabled). Without FSDP there is no MixedPrecisionPolicy: a bf16
 mixed_precision_param runs under autocast over fp32 weights, and gradients are reduced in fp32, as in one process.
 """
 
@@ -24,7 +27,7 @@ BUCKET_CAP_MB = 4
 
 
 def apply_ddp(model: nn.Module, mesh: DeviceMesh, bucket_cap_mb: float = BUCKET_CAP_MB) -> None:
-    """Replicate `model` in place over the 1-D data-parallel `mesh`; gradients are averaged over it."""
+    """Replicate `model` in place over the 1-D `mesh` (dp_cp); gradients are averaged over it."""
     replicate_module(model, process_group=mesh.get_group(), bucket_cap_mb=bucket_cap_mb,
                      gradient_as_bucket_view=True)
 
