@@ -76,8 +76,8 @@ class ParallelDims:
             raise ConfigError(f"parallelism.context_parallel_replicate_parameters = true replicates the model over cp "
                               f"with torch's DDP, which takes neither sharded parameters nor pipeline stages, but the "
                               f"layout has dp_shard {dp_shard} x tp {p.tensor_parallel_degree} x pp "
-                              f"{p.pipeline_parallel_degree}; set it to false (FSDP2 shards over dp_shard x cp) or "
-                              f"those degrees to 1")
+                              f"{p.pipeline_parallel_degree}; set it to false (FSDP2 then shards over dp_shard x cp), "
+                              f"or those degrees to 1 (data_parallel_replicate_degree replicates with DDP too)")
         return cls(p.data_parallel_replicate_degree, dp_shard, p.context_parallel_degree,
                    p.tensor_parallel_degree, p.pipeline_parallel_degree, world_size, p.disable_loss_parallel,
                    replicate)
