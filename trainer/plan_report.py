@@ -47,14 +47,21 @@ def format_plan(result: PlanResult, cfg: JobConfig, world_size: int, device: Dev
     if result.fits:
         best = result.fits[0].layout
         changed = {k: v for k, v in best.overrides().items() if _get(cfg, k) != v}
-        flags = " ".join(f"--{k} {v}" for k, v in changed.items())
+        flags = " ".join(f"--{k} {_value(v)}" for k, v in changed.items())
         lines.append(f"run the best: NGPU={world_size} ./run_train.sh --job.config_file {cfg.job.config_file} {flags}")
         sections: dict[str, list[str]] = {}
         for k, v in best.overrides().items():
             section, name = k.split(".")
-            sections.setdefault(section, []).append(f"{name} = {v!r}".replace("'", '"'))
+            sections.setdefault(section, []).append(f"{name} = {_value(v, toml=True)}")
         lines += [f"[{s}]\n" + "\n".join(kv) for s, kv in sections.items()]
     return "\n".join(lines)
+
+
+def _value(v, toml: bool = False) -> str:
+    """A layout key's value on the command line or in TOML (true/false; strings quoted in TOML)."""
+    if isinstance(v, bool):
+        return str(v).lower()
+    return f'"{v}"' if toml and isinstance(v, str) else str(v)
 
 
 def _get(cfg: JobConfig, key: str):

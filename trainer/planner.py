@@ -59,6 +59,8 @@ class Layout:
     ac_mode: str = "none"
     reshard: str = "default"
     local_batch: int = 1
+    cp_replicate: bool = False
+    """parallelism.context_parallel_replicate_parameters: the model replicated over cp by DDP, not sharded by FSDP2."""
 
     def overrides(self) -> dict[str, object]:
         """The config keys that select this layout."""
@@ -70,12 +72,14 @@ class Layout:
         if self.pp > 1:
             keys[_P + "pipeline_parallel_schedule"] = self.schedule
             keys[_P + "pipeline_parallel_microbatch_size"] = self.microbatch_size
+        if self.cp > 1:
+            keys[_P + "context_parallel_replicate_parameters"] = self.cp_replicate
         return keys
 
     def describe(self) -> str:
         degrees = " x ".join(f"{n} {v}" for n, v in (("dp_rep", self.dp_replicate), ("dp_shard", self.dp_shard),
                                                        ("cp", self.cp), ("tp", self.tp), ("pp", self.pp)) if v > 1)
-        return degrees or "1 rank"
+        return (degrees or "1 rank") + (" (cp replicated)" if self.cp_replicate else "")
 
 
 def with_overrides(cfg: JobConfig, overrides: dict[str, object]) -> JobConfig:
@@ -115,6 +119,8 @@ def enumerate_layouts(cfg: JobConfig, world_size: int, ac_modes=AC_MODES) -> lis
             pipes = [(s, m) for s in SCHEDULES for m in _divisors(b)] if pp > 1 else [("", 0)]
             for (schedule, mb), ac, reshard in ((p, a, r) for p in pipes for a in ac_modes for r in reshards):
                 out.append(Layout(dp_rep, dp_shard, cp, tp, pp, schedule, mb, ac, reshard, b))
+            if cp > 1 and dp_shard * tp * pp == 1:  # or the model replicated over cp, with DDP (no reshard policy)
+                out += [Layout(dp_rep, 1, cp, 1, 1, ac_mode=ac, local_batch=b, cp_replicate=True) for ac in ac_modes]
     return out
 
 

@@ -35,15 +35,19 @@ def llama_cfg(flavor: str, *overrides: str):
 
 
 def test_enumeration_counts_for_two_ranks():
-    # 2 ranks: dp_replicate 2 (3 AC modes), dp_shard 2 and cp 2 (x 2 reshard policies), tp 2 (3), and pp 2 with 4
-    # schedules x 4 microbatch sizes (divisors of local batch 8) x 3 AC modes.
+    # 2 ranks: dp_replicate 2 (3 AC modes), dp_shard 2 and cp 2 (x 2 reshard policies), cp 2 replicated by DDP (3),
+    # tp 2 (3), and pp 2 with 4 schedules x 4 microbatch sizes (divisors of local batch 8) x 3 AC modes.
     layouts = enumerate_layouts(debug_cfg(), 2)
-    assert len(layouts) == 3 + 6 + 6 + 3 + 4 * 4 * 3
+    assert len(layouts) == 3 + 6 + 6 + 3 + 3 + 4 * 4 * 3
     assert len(set(layouts)) == len(layouts)
     result = plan(debug_cfg(), 2, "h100", 8)
     assert len(result.fits) + len(result.oom) + sum(result.dropped.values()) == len(layouts)
     # 1F1B needs >= 2 microbatches at pp 2 (micro-batch size 8 gives 1), Interleaved1F1B and ZBV take any count.
     assert result.dropped == {"parallelism.pipeline_parallel_schedule": 3}
+    # cp 2: FSDP2 shards every dim 0 over the two ranks; replicated, each rank holds the whole model
+    cp = {L.cp_replicate: e.local_elements[0] for e in result.fits for L in [e.layout]
+          if L.cp == 2 and L.ac_mode == "none" and L.reshard == "default"}
+    assert cp[True] == num_params(plan_run(debug_cfg(), 1, "cuda").model_args) == 2 * cp[False]
 
 
 def test_global_batch_sets_the_local_batches():
