@@ -166,8 +166,9 @@ class Parallelism:
     """Keep the whole model on every context-parallel rank and all-reduce the gradients over dp_replicate x cp with
     torch's DDP (picotron's context parallel), instead of sharding parameters, gradients and optimizer states over
     cp with FSDP2 (torchtitan's, the default). For data_parallel_shard_degree = 1 without tensor or pipeline
-    parallel. cp times the training state's memory per rank, for a gradient all-reduce overlapped with backward in
-    place of FSDP's gathers and reduce-scatters: cp=2 on the CPU benchmark model steps ~1.4x faster."""
+    parallel (refused with them; no effect without context parallel). cp times the training state's memory per
+    rank, for a gradient all-reduce overlapped with backward in place of FSDP's gathers and reduce-scatters: cp=2
+    on the CPU benchmark model steps ~1.4x faster."""
     expert_parallel_degree: int = 1
     """Ranks the experts of a mixture-of-experts layer are spread over."""
     expert_tensor_parallel_degree: int = 1
